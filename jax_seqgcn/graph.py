@@ -1,0 +1,380 @@
+"""Similarity graph and graph convolutional network of the sequential GCN sampler.
+
+Implements SPEC §3 (paper Eqs. 4-6, reference `aff_to_adj`, `GCN`, `BCEAdjLoss`):
+
+* `normalized_adjacency`: A = (S - I) D^-1 + I with S = V V^T over L2-normalised rows V and
+  D = diag of the column sums of S - I (columns normalised, exactly as the reference; the paper
+  writes D^-1 (S - I)). Computed with a broadcast divide: O(N^2 m), never O(N^3).
+* `factored_adjacency` / `propagate`: the same operator applied without forming it,
+  A X = V (V^T (X / d)) - X / d + X, in O(N m k) time and O(N (m + k)) memory.
+* `GCN`: graph convolutions `A (X W) + b` (layer names `gc1`, `gc2`, `gc3` as in the reference),
+  returning sigmoid scores and the CoreGCN embedding concat(hidden, logit).
+* `gcn_loss`: Eq. 6. `train_gcn`: all Adam steps compiled once in a `lax.scan`.
+"""
+
+import logging
+import os
+from typing import Any, NamedTuple, Optional, Union
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_seqgcn import checks
+
+Params = Any
+
+
+class FactoredAdjacency(NamedTuple):
+  """The normalised adjacency of SPEC §3 kept in factored form (no N x N array).
+
+  Attributes:
+    unit_features: [num_nodes, dim] L2-normalised node features V.
+    column_sums: [num_nodes] d = column sums of V V^T - I.
+  """
+  unit_features: jax.Array
+  column_sums: jax.Array
+
+
+Adjacency = Union[jax.Array, FactoredAdjacency]
+ADJACENCY_MODES = ("auto", "dense", "factored")
+# Dense training holds about this many N x N arrays at once (similarity, adjacency, temporaries).
+_DENSE_COPIES = 3
+
+
+def available_memory_bytes(device: Optional[jax.Device] = None) -> int:
+  """Memory the dense adjacency may use: the accelerator's limit, or the host's free RAM."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_adjacency(num_nodes: int, dtype=jnp.float32, *,
+                     memory_bytes: Optional[int] = None) -> str:
+  """"dense" if ~3 N x N arrays fit in half the available memory, else "factored" (logged).
+
+  Args:
+    num_nodes: N.
+    dtype: feature dtype.
+    memory_bytes: override of `available_memory_bytes()`.
+  Returns:
+    "dense" or "factored".
+  """
+  memory_bytes = available_memory_bytes() if memory_bytes is None else memory_bytes
+  needed = _DENSE_COPIES * num_nodes ** 2 * jnp.dtype(dtype).itemsize
+  if needed <= memory_bytes // 2:
+    return "dense"
+  logging.info("adjacency: dense N=%d needs ~%.1f GB of %.1f GB available; using the factored "
+               "(matrix-free) form", num_nodes, needed / 1e9, memory_bytes / 1e9)
+  return "factored"
+
+
+def l2_normalize(features: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Rows divided by their L2 norm (torch `F.normalize`: x / max(|x|, eps)).
+
+  Args:
+    features: [num_nodes, dim] float array.
+    eps: lower bound on the norm.
+  Returns:
+    [num_nodes, dim] array of the same dtype.
+  """
+  norm = jnp.linalg.norm(features, axis=-1, keepdims=True)
+  return features / jnp.maximum(norm, eps)
+
+
+def _column_sums(unit_features: jax.Array) -> jax.Array:
+  # Column sums of V V^T - I without the N x N matrix: V (V^T 1) - 1.
+  return unit_features @ jnp.sum(unit_features, axis=0) - 1.0
+
+
+@jax.jit
+def _dense_adjacency(unit_features):
+  similarity = unit_features @ unit_features.T
+  eye = jnp.eye(similarity.shape[0], dtype=similarity.dtype)
+  off_diagonal = similarity - eye
+  # Broadcast divide of column j by its sum: the reference's (S - I) D^-1 without the O(N^3) product.
+  return off_diagonal / jnp.sum(off_diagonal, axis=0)[None, :] + eye
+
+
+def normalized_adjacency(features: jax.Array) -> jax.Array:
+  """Dense normalised similarity graph of SPEC §3 (reference `aff_to_adj`).
+
+  Rows of `features` are L2-normalised to V; S = V V^T - I; each column j is divided by its sum
+  d_j; then I is added back, so every column of A sums to 2.
+
+  Args:
+    features: [num_nodes, dim] float node features (learner embeddings).
+  Returns:
+    [num_nodes, num_nodes] adjacency A of the features' dtype.
+  Raises:
+    ValueError: non-finite features, fewer than 2 nodes, or rows that make a column sum ~0.
+  """
+  unit = l2_normalize(checks.features(features))
+  checks.column_sums(_column_sums(unit))
+  return _dense_adjacency(unit)
+
+
+def factored_adjacency(features: jax.Array) -> FactoredAdjacency:
+  """The operator of `normalized_adjacency` in factored form: O(N dim) memory.
+
+  Args:
+    features: [num_nodes, dim] float node features.
+  Returns:
+    `FactoredAdjacency` with `propagate(adj, x)` equal to `normalized_adjacency(features) @ x`.
+  Raises:
+    ValueError: as `normalized_adjacency`.
+  """
+  unit = l2_normalize(checks.features(features))
+  sums = _column_sums(unit)
+  checks.column_sums(sums)
+  return FactoredAdjacency(unit, sums)
+
+
+def propagate(adjacency: Adjacency, x: jax.Array) -> jax.Array:
+  """Applies the normalised adjacency to node signals: A @ x.
+
+  Args:
+    adjacency: dense [N, N] array, or a `FactoredAdjacency`.
+    x: [N, k] node signals.
+  Returns:
+    [N, k] array A @ x. The factored form computes V (V^T (x / d)) - x / d + x.
+  """
+  if isinstance(adjacency, FactoredAdjacency):
+    scaled = x / adjacency.column_sums[:, None]
+    unit = adjacency.unit_features
+    return unit @ (unit.T @ scaled) - scaled + x
+  return adjacency @ x
+
+
+def _build_adjacency(unit_features: jax.Array, mode: str) -> Adjacency:
+  if mode == "dense":
+    return _dense_adjacency(unit_features)
+  return FactoredAdjacency(unit_features, _column_sums(unit_features))
+
+
+def _uniform_fan_out(key, shape, dtype):
+  # Reference GraphConvolution.reset_parameters: U(-1/sqrt(out), 1/sqrt(out)) for W and b.
+  bound = 1.0 / np.sqrt(shape[-1])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class GraphConv(nn.Module):
+  """One graph convolution `A (X W) + b` (reference `GraphConvolution`).
+
+  Attributes:
+    features: output width.
+    param_dtype: dtype of W and b.
+  """
+  features: int
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, adjacency, propagated_input=None):
+    """x: [N, k_in]; returns [N, features]. `propagated_input` = A @ x if already known."""
+    kernel = self.param("kernel", _uniform_fan_out, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", _uniform_fan_out, (self.features,), self.param_dtype)
+    if propagated_input is not None:
+      # (A X) W == A (X W): reuse A X when X is fixed across training steps.
+      return propagated_input @ kernel + bias
+    return propagate(adjacency, x @ kernel) + bias
+
+
+class GCN(nn.Module):
+  """The sampler's GCN (SPEC §3, paper Eq. 5, reference `GCN`).
+
+  Layers `gc1` (dim -> hidden), `gc2` (hidden -> hidden, only with num_layers=3) and `gc3`
+  (-> 1 logit), ReLU and dropout after each hidden layer, sigmoid on the logit.
+
+  Attributes:
+    hidden: hidden width h (reference default 128; the paper's text says 512).
+    dropout_rate: dropout after each hidden layer, training mode only.
+    num_layers: 1, 2 (default) or 3 graph convolutions (SPEC §5 ablation).
+    param_dtype: dtype of the weights.
+  """
+  hidden: int = 128
+  dropout_rate: float = 0.3
+  num_layers: int = 2
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, adjacency, *, train: bool, propagated_features=None):
+    """Scores every node.
+
+    Args:
+      features: [N, dim] node features V (the sampler passes L2-normalised embeddings).
+      adjacency: dense [N, N] or `FactoredAdjacency`.
+      train: enables dropout (needs the 'dropout' rng).
+      propagated_features: optional [N, dim] = A @ features, to skip that product.
+    Returns:
+      (scores [N] in (0, 1), embedding [N, width + 1]) where embedding = concat(last hidden
+      layer output (features for num_layers=1), pre-sigmoid logit): the CoreGCN embedding.
+    """
+    if self.num_layers not in (1, 2, 3):
+      raise ValueError(f"num_layers must be 1, 2 or 3, got {self.num_layers}")
+    names = {1: ["gc3"], 2: ["gc1", "gc3"], 3: ["gc1", "gc2", "gc3"]}[self.num_layers]
+    h = features
+    for i, name in enumerate(names[:-1]):
+      h = GraphConv(self.hidden, self.param_dtype, name=name)(
+          h, adjacency, propagated_features if i == 0 else None)
+      h = nn.relu(h)
+      h = nn.Dropout(self.dropout_rate, deterministic=not train)(h)
+    logit = GraphConv(1, self.param_dtype, name=names[-1])(
+        h, adjacency, propagated_features if len(names) == 1 else None)
+    return nn.sigmoid(logit[:, 0]), jnp.concatenate([h, logit], axis=-1)
+
+
+def _masked_mean(values, mask):
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.sum(mask)
+
+
+def gcn_loss(scores: jax.Array, labelled_mask: jax.Array, lambda_: float = 1.2) -> jax.Array:
+  """Eq. 6: -mean_{labelled} log s - lambda * mean_{unlabelled} log(1 - s).
+
+  Args:
+    scores: [N] sigmoid scores in (0, 1).
+    labelled_mask: [N] bool, True for labelled nodes.
+    lambda_: weight of the unlabelled term (1.2 in the paper).
+  Returns:
+    scalar loss (reference `BCEAdjLoss`, computed from the scores exactly as it does).
+  """
+  return (-_masked_mean(jnp.log(scores), labelled_mask)
+          - lambda_ * _masked_mean(jnp.log(1.0 - scores), ~labelled_mask))
+
+
+def gcn_loss_from_logits(logits, labelled_mask, lambda_=1.2):
+  """`gcn_loss` on pre-sigmoid logits [N] via log-sigmoid: equal in value, finite when saturated.
+
+  `train_gcn` uses this form (a named deviation from the reference, which takes log of the
+  float32 sigmoid and returns inf/NaN once a score rounds to 0 or 1).
+  """
+  return (-_masked_mean(jax.nn.log_sigmoid(logits), labelled_mask)
+          - lambda_ * _masked_mean(jax.nn.log_sigmoid(-logits), ~labelled_mask))
+
+
+class GCNResult(NamedTuple):
+  """Output of `train_gcn`.
+
+  Attributes:
+    params: trained GCN parameters.
+    scores: [N] eval-mode sigmoid scores after training.
+    embedding: [N, hidden + 1] eval-mode CoreGCN embedding after training.
+    losses: [steps] training loss before each step's update.
+  """
+  params: Params
+  scores: jax.Array
+  embedding: jax.Array
+  losses: jax.Array
+
+
+def adam_coupled(learning_rate, weight_decay) -> optax.GradientTransformation:
+  """torch `Adam(lr, weight_decay)`: L2 decay added to the gradient *before* the Adam moments."""
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam(),
+                     optax.scale(-learning_rate))
+
+
+def _train(key, unit_features, labelled_mask, params, lambda_, learning_rate, weight_decay, *,
+           hidden, dropout_rate, num_layers, steps, adjacency_mode):
+  adjacency = _build_adjacency(unit_features, adjacency_mode)
+  model = GCN(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
+  # A and V are fixed over all steps, so the first layer's A V is computed once.
+  av = propagate(adjacency, unit_features) if num_layers > 1 else None
+  init_key, dropout_key = jax.random.split(key)
+  if params is None:
+    params = model.init(init_key, unit_features, adjacency, train=False,
+                        propagated_features=av)["params"]
+  tx = adam_coupled(learning_rate, weight_decay)
+
+  def loss_fn(p, step):
+    _, embedding = model.apply({"params": p}, unit_features, adjacency, train=True,
+                               propagated_features=av,
+                               rngs={"dropout": jax.random.fold_in(dropout_key, step)})
+    return gcn_loss_from_logits(embedding[:, -1], labelled_mask, lambda_)
+
+  def step_fn(carry, step):
+    p, opt_state = carry
+    loss, grads = jax.value_and_grad(loss_fn)(p, step)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), loss
+
+  (params, _), losses = jax.lax.scan(step_fn, (params, tx.init(params)), jnp.arange(steps))
+  scores, embedding = model.apply({"params": params}, unit_features, adjacency, train=False,
+                                  propagated_features=av)
+  return GCNResult(params, scores, embedding, losses)
+
+
+_train_jit = jax.jit(_train, static_argnames=("hidden", "dropout_rate", "num_layers", "steps",
+                                               "adjacency_mode"))
+
+
+def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
+              hidden: int = 128, dropout_rate: float = 0.3, lambda_: float = 1.2,
+              steps: int = 200, learning_rate: float = 1e-3, weight_decay: float = 5e-4,
+              num_layers: int = 2, params: Params = None,
+              adjacency: str = "auto") -> GCNResult:
+  """Trains the GCN to tell labelled from unlabelled nodes (SPEC §3), full graph, Adam.
+
+  Node features are L2-normalised here (as the reference does before `aff_to_adj`). All `steps`
+  Adam steps (lr, coupled L2 decay as torch `Adam(weight_decay=...)`) run in one compiled
+  `lax.scan`; one compile per (shape, static option) combination. Dropout draws from `key`.
+
+  Args:
+    key: PRNG key for initialisation and dropout.
+    features: [N, dim] node features (learner embeddings), N >= 2.
+    labelled_mask: [N] bool, True for labelled nodes; both classes must be present.
+    hidden, dropout_rate, num_layers: GCN architecture (see `GCN`).
+    lambda_: Eq. 6 weight of the unlabelled term.
+    steps: number of full-graph Adam steps (static).
+    learning_rate, weight_decay: Adam settings.
+    params: optional initial parameters (e.g. `params_from_torch(np.load('gcn_init.npz'))`).
+    adjacency: "dense" (N x N matrix, as the reference), "factored" (never forms it; the same
+      operator up to float rounding) or "auto" (dense when it fits, see `choose_adjacency`).
+  Returns:
+    `GCNResult(params, scores [N], embedding [N, hidden + 1], losses [steps])`; scores and
+    embedding come from an eval-mode (no dropout) pass after training.
+  Raises:
+    ValueError: bad features (non-finite, degenerate column sums), a mask of the wrong length or
+      without both labelled and unlabelled nodes, a bad option.
+  """
+  features = checks.features(features)
+  labelled_mask = checks.mask(labelled_mask, features.shape[0], need_both=True)
+  if adjacency not in ADJACENCY_MODES:
+    raise ValueError(f"adjacency must be one of {ADJACENCY_MODES}, got {adjacency!r}")
+  if steps < 0 or hidden < 1 or not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"need steps >= 0, hidden >= 1 and 0 <= dropout_rate < 1; got {steps}, "
+                     f"{hidden}, {dropout_rate}")
+  unit = l2_normalize(features)
+  checks.column_sums(_column_sums(unit))
+  if adjacency == "auto":
+    adjacency = choose_adjacency(unit.shape[0], unit.dtype)
+  if params is not None:
+    params = jax.tree.map(lambda p: jnp.asarray(p, unit.dtype), params)
+  return _train_jit(key, unit, labelled_mask, params, lambda_, learning_rate, weight_decay,
+                    hidden=hidden, dropout_rate=float(dropout_rate), num_layers=num_layers,
+                    steps=int(steps), adjacency_mode=adjacency)
+
+
+def params_from_torch(state_dict) -> Params:
+  """Converts the reference's GCN `state_dict` (e.g. `np.load('gcn_init.npz')`) to `GCN` params.
+
+  Torch names `gc1.weight` [dim, hidden], `gc1.bias`, `gc3.weight` [hidden, 1], `gc3.bias` (and
+  `gc2.*` when present and used by a 3-layer GCN) map to `{'gc1': {'kernel', 'bias'}, ...}`; the
+  reference's layout is already (in, out). Unused entries (`linear.*`) are ignored.
+
+  Args:
+    state_dict: mapping from torch names to arrays.
+  Returns:
+    params for a 2-layer `GCN` (add `gc2` to the result yourself for 3 layers).
+  """
+  params = {}
+  for layer in ("gc1", "gc3"):
+    params[layer] = {"kernel": jnp.asarray(state_dict[f"{layer}.weight"]),
+                     "bias": jnp.asarray(state_dict[f"{layer}.bias"])}
+  chex.assert_rank(params["gc1"]["kernel"], 2)
+  return params

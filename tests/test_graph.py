@@ -1,0 +1,203 @@
+"""Tests of jax_seqgcn.graph against ../shared/reference, NumPy and hand computations."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_seqgcn import graph
+from tests.conftest import has_square_array
+
+
+def numpy_adjacency(features):
+  x = np.asarray(features, np.float64)
+  v = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+  s = v @ v.T - np.eye(len(v))
+  return s / s.sum(axis=0)[None, :] + np.eye(len(v))
+
+
+def reference_params(ref, dtype=jnp.float32):
+  return jax.tree.map(lambda p: jnp.asarray(p, dtype), graph.params_from_torch(ref.gcn_init))
+
+
+def test_adjacency_matches_reference(ref):
+  adj = np.asarray(graph.normalized_adjacency(ref.features))
+  np.testing.assert_allclose(adj, ref.adj, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(adj.sum(axis=0), 2.0, atol=1e-4)
+
+
+def test_adjacency_matches_numpy_on_random_features():
+  x = np.abs(np.random.default_rng(1).normal(size=(50, 7))).astype(np.float32)
+  np.testing.assert_allclose(graph.normalized_adjacency(x), numpy_adjacency(x), atol=1e-6)
+
+
+def test_factored_propagation_equals_dense(ref):
+  x = np.random.default_rng(2).normal(size=(3000, 5)).astype(np.float32)
+  dense = graph.propagate(graph.normalized_adjacency(ref.features), x)
+  factored = graph.propagate(graph.factored_adjacency(ref.features), x)
+  np.testing.assert_allclose(factored, dense, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dense, ref.adj.astype(np.float64) @ x, rtol=1e-4, atol=1e-5)
+
+
+def test_step0_loss_scores_and_gradients_match_reference(ref):
+  v = jnp.asarray(ref.features_l2)
+  adj = graph.normalized_adjacency(v)
+  model = graph.GCN(dropout_rate=0.0)
+
+  def loss_fn(params):
+    scores, _ = model.apply({"params": params}, v, adj, train=True)
+    return graph.gcn_loss(scores, ref.labelled_mask), scores
+
+  (loss, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(reference_params(ref))
+  assert abs(float(loss) - float(ref.gcn_loss_all[0])) < 1e-5
+  np.testing.assert_allclose(scores, ref.gcn_outputs_by_step["step0"], atol=1e-5)
+  for layer in ("gc1", "gc3"):
+    np.testing.assert_allclose(grads[layer]["kernel"], ref.gcn_grad0[f"{layer}.weight"], atol=1e-5)
+    np.testing.assert_allclose(grads[layer]["bias"], ref.gcn_grad0[f"{layer}.bias"], atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 10])
+def test_early_trajectory_float32(ref, steps):
+  result = graph.train_gcn(jax.random.key(0), ref.features_l2, ref.labelled_mask,
+                           dropout_rate=0.0, params=reference_params(ref), steps=steps,
+                           adjacency="dense")
+  np.testing.assert_allclose(result.scores, ref.gcn_outputs_by_step[f"step{steps}"], atol=1e-5)
+  np.testing.assert_allclose(result.losses, ref.gcn_loss_all[:steps], atol=3e-5)
+
+
+@pytest.mark.parametrize("adjacency", ["dense", "factored"])
+def test_trajectory_and_picks_float64(ref, adjacency):
+  # README.txt: the last steps amplify rounding, so the trajectory and the final picks are
+  # compared in float64 (the float32 reference vs a float64 recompute: 7e-6 at step 100).
+  from jax_seqgcn import samplers  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    v = jnp.asarray(ref.features_l2, jnp.float64)
+    kwargs = dict(dropout_rate=0.0, params=reference_params(ref, jnp.float64),
+                  adjacency=adjacency)
+    at100 = graph.train_gcn(jax.random.key(0), v, ref.labelled_mask, steps=100, **kwargs)
+    np.testing.assert_allclose(at100.scores, ref.gcn_outputs_by_step["step100"], atol=1e-4)
+    np.testing.assert_allclose(at100.losses, ref.gcn_loss_all[:100], atol=1e-5)
+    final = graph.train_gcn(jax.random.key(0), v, ref.labelled_mask, steps=200, **kwargs)
+    uncertain = samplers.uncertain_gcn_select(final.scores, ref.labelled_mask, 200)
+    core = samplers.core_gcn_select(final.embedding, ref.labelled_mask, 200)
+  assert len(np.intersect1d(uncertain, ref.uncertaingcn_idx)) >= 190
+  assert len(np.intersect1d(core, ref.coregcn_idx)) >= 190
+
+
+def test_gcn_shapes_and_layer_names():
+  x = jax.random.normal(jax.random.key(0), (20, 6))
+  adj = graph.normalized_adjacency(jnp.abs(x))
+  for num_layers, names, width in [(1, {"gc3"}, 6), (2, {"gc1", "gc3"}, 16),
+                                   (3, {"gc1", "gc2", "gc3"}, 16)]:
+    model = graph.GCN(hidden=16, num_layers=num_layers)
+    params = model.init(jax.random.key(1), x, adj, train=False)["params"]
+    assert set(params) == names
+    scores, embedding = model.apply({"params": params}, x, adj, train=False)
+    chex.assert_shape([scores, embedding], [(20,), (20, width + 1)])
+    np.testing.assert_allclose(jax.nn.sigmoid(embedding[:, -1]), scores, rtol=1e-6)
+
+
+def test_init_is_uniform_in_reference_bounds():
+  params = graph.GCN(hidden=64).init(jax.random.key(0), jnp.ones((5, 32)) / 32 ** 0.5,
+                                     jnp.eye(5), train=False)["params"]
+  assert float(jnp.abs(params["gc1"]["kernel"]).max()) <= 1 / 8
+  assert float(jnp.abs(params["gc1"]["kernel"]).max()) > 0.9 / 8
+  assert float(jnp.abs(params["gc3"]["kernel"]).max()) <= 1.0
+
+
+def test_loss_by_hand():
+  scores = jnp.array([0.9, 0.2, 0.6, 0.3])
+  mask = jnp.array([True, False, True, False])
+  expected = -(np.log(0.9) + np.log(0.6)) / 2 - 1.2 * (np.log(0.8) + np.log(0.7)) / 2
+  np.testing.assert_allclose(graph.gcn_loss(scores, mask), expected, rtol=1e-6)
+  logits = jnp.log(scores / (1 - scores))
+  np.testing.assert_allclose(graph.gcn_loss_from_logits(logits, mask), expected, rtol=1e-5)
+  assert np.isfinite(graph.gcn_loss_from_logits(jnp.array([40.0, -40.0]),
+                                                jnp.array([False, True])))
+
+
+def test_adam_coupled_equals_torch_formula():
+  p = jnp.array([1.0, -1.5, 0.5])  # no exact cancellation of g + decay * p
+  grads = [jnp.array([0.1, 0.2, -0.3]), jnp.array([-0.05, 0.4, 0.1])]
+  tx = graph.adam_coupled(1e-2, 0.1)
+  state, params = tx.init(p), p
+  m = v = np.zeros(3)
+  expected = np.asarray(p, np.float64)
+  for t, g in enumerate(grads, start=1):
+    updates, state = tx.update(g, state, params)
+    params = params + updates
+    g_total = np.asarray(g) + 0.1 * expected  # torch: grad = grad + weight_decay * param
+    m = 0.9 * m + 0.1 * g_total
+    v = 0.999 * v + 0.001 * g_total ** 2
+    expected = expected - 1e-2 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+  np.testing.assert_allclose(params, expected, rtol=1e-5)
+
+
+def test_dropout_uses_key_and_eval_is_deterministic():
+  x = jnp.abs(jax.random.normal(jax.random.key(0), (40, 8)))
+  mask = jnp.arange(40) >= 30
+  a = graph.train_gcn(jax.random.key(3), x, mask, steps=5, hidden=8)
+  b = graph.train_gcn(jax.random.key(3), x, mask, steps=5, hidden=8)
+  c = graph.train_gcn(jax.random.key(4), x, mask, steps=5, hidden=8)
+  np.testing.assert_array_equal(a.scores, b.scores)
+  assert not np.allclose(a.scores, c.scores)
+
+
+def test_train_gcn_traces_once_per_shape(monkeypatch):
+  counted = jax.jit(chex.assert_max_traces(graph._train, n=1),  # pylint: disable=protected-access
+                    static_argnames=("hidden", "dropout_rate", "num_layers", "steps",
+                                     "adjacency_mode"))
+  monkeypatch.setattr(graph, "_train_jit", counted)
+  rng = np.random.default_rng(0)
+  mask = np.arange(30) >= 20
+  for seed, lam, lr in [(0, 1.2, 1e-3), (1, 0.5, 1e-2), (2, 2.0, 3e-4)]:
+    x = np.abs(rng.normal(size=(30, 8))).astype(np.float32)
+    graph.train_gcn(jax.random.key(seed), x, mask, steps=3, hidden=8, lambda_=lam,
+                    learning_rate=lr, adjacency="dense")
+
+
+def test_factored_training_never_forms_an_n_by_n_array():
+  n = 48
+  jaxpr = jax.make_jaxpr(functools.partial(
+      graph._train, hidden=8, dropout_rate=0.3, num_layers=2, steps=2,  # pylint: disable=protected-access
+      adjacency_mode="factored"))(jax.random.key(0), jnp.ones((n, 5)), jnp.arange(n) > 40, None,
+                                  1.2, 1e-3, 5e-4)
+  assert not has_square_array(jaxpr, n)
+  dense = jax.make_jaxpr(functools.partial(
+      graph._train, hidden=8, dropout_rate=0.3, num_layers=2, steps=2,  # pylint: disable=protected-access
+      adjacency_mode="dense"))(jax.random.key(0), jnp.ones((n, 5)), jnp.arange(n) > 40, None,
+                               1.2, 1e-3, 5e-4)
+  assert has_square_array(dense, n)  # the check itself can fail
+
+
+def test_choose_adjacency():
+  assert graph.choose_adjacency(1000, memory_bytes=10 ** 9) == "dense"
+  assert graph.choose_adjacency(100_000, memory_bytes=24 * 2 ** 30) == "factored"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, m: (x.at[3, 1].set(jnp.nan), m), "NaN or inf"),
+    (lambda x, m: (x.at[5, 0].set(jnp.inf), m), "NaN or inf"),
+    (lambda x, m: (x.at[7].set(0.0), m), "column sum"),
+    (lambda x, m: (x, m[:-1]), "shape"),
+    (lambda x, m: (x, jnp.ones_like(m)), "both labelled and unlabelled"),
+    (lambda x, m: (x[:, :0], m), "empty"),
+])
+def test_bad_input_raises_before_work(bad, message, monkeypatch):
+  monkeypatch.setattr(graph, "_train_jit", lambda *a, **k: pytest.fail("work started"))
+  x = jnp.abs(jax.random.normal(jax.random.key(0), (20, 4)))
+  mask = jnp.arange(20) >= 15
+  x, mask = bad(x, mask)
+  with pytest.raises(ValueError, match=message):
+    graph.train_gcn(jax.random.key(0), x, mask, steps=2)
+
+
+def test_adjacency_rejects_degenerate_rows():
+  x = np.eye(4, dtype=np.float32)  # mutually orthogonal rows: every column sum is 0
+  with pytest.raises(ValueError, match="column sum"):
+    graph.normalized_adjacency(x)
+  with pytest.raises(ValueError, match="column sum"):
+    graph.factored_adjacency(x)
