@@ -1,0 +1,388 @@
+"""Data sources for active learning: whole datasets as in-memory NumPy arrays.
+
+Every loader returns a `Dataset`: uint8 images in NHWC layout plus targets, int32 class
+labels for classification or float32 vectors for regression (e.g. ICVL hand poses).
+Pools in active learning are small enough (CIFAR, SVHN, Fashion-MNIST) to hold in host
+memory, and the samplers index the unlabelled pool directly, so there is no input
+pipeline here: normalisation and augmentation belong to the training code.
+
+Sources:
+  * `load_tfds`: tensorflow-datasets ("cifar10", "cifar100", "svhn_cropped",
+    "fashion_mnist"), strictly offline: a dataset must be prepared beforehand.
+  * `load_fashion_mnist_idx`: the original gzip IDX files, e.g. from the Debian package
+    `dataset-fashion-mnist`; needs neither TensorFlow nor the network.
+  * `load_npz`: own data in an `.npz` file, classification or regression.
+  * `load_dataset`: the dispatcher used by the experiment loop.
+
+TensorFlow is imported lazily inside `load_tfds` only: it is slow to import and the
+IDX / npz sources do not need it.
+"""
+
+import gzip
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+TFDS_DATASETS = ("cifar10", "cifar100", "svhn_cropped", "fashion_mnist")
+DATASETS = TFDS_DATASETS + ("npz",)
+SOURCES = ("auto", "tfds", "idx", "npz")
+FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+
+# Original archives, for preparing a tfds dataset offline through `manual_dir`.
+_ORIGINAL_ARCHIVES = {
+    "cifar10": "cifar-10-binary.tar.gz",
+    "cifar100": "cifar-100-binary.tar.gz",
+    "svhn_cropped": "train_32x32.mat, test_32x32.mat and extra_32x32.mat",
+    "fashion_mnist": "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz",
+}
+# Batch size for reading tfds splits. `batch_size=-1` would be simpler, but under
+# `tfds.testing.mock_data` it aborts the whole process (std::length_error).
+_TFDS_READ_BATCH = 4096
+_IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
+_IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A dataset is not available locally; the message says how to get it."""
+
+
+class Dataset(NamedTuple):
+  """A whole dataset in host memory.
+
+  Attributes:
+    train_images: [num_train, height, width, channels] uint8.
+    train_targets: [num_train] int32 labels in [0, num_classes) for classification;
+      [num_train, target_dim] float32 for regression.
+    test_images: [num_test, height, width, channels] uint8.
+    test_targets: [num_test] int32 or [num_test, target_dim] float32, as train_targets.
+    num_classes: number of classes; 0 for regression.
+    name: dataset name, for logs and result files.
+  """
+  train_images: np.ndarray
+  train_targets: np.ndarray
+  test_images: np.ndarray
+  test_targets: np.ndarray
+  num_classes: int
+  name: str
+
+
+def describe(dataset):
+  """One line summary of a `Dataset` for logs, e.g.
+
+  "cifar10: 50000 train / 10000 test images 32x32x3 uint8, 10 classes".
+  """
+  _, height, width, channels = dataset.train_images.shape
+  if dataset.num_classes:
+    kind = f"{dataset.num_classes} classes"
+  else:
+    target_dim = dataset.train_targets.shape[1] if dataset.train_targets.ndim > 1 else 1
+    kind = f"regression, {target_dim}-d targets"
+  return (f"{dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)}"
+          f" test images {height}x{width}x{channels} {dataset.train_images.dtype}, {kind}")
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+def _hide_gpus_from_tensorflow(tf):
+  # TF grabs all GPU memory when it first touches a device, starving JAX.
+  try:
+    tf.config.experimental.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # Devices already initialised by an earlier TF user; nothing we can change.
+
+
+def _tfds_missing_message(name, data_dir):
+  archive = _ORIGINAL_ARCHIVES[name]
+  lines = [
+      f"tensorflow-datasets dataset {name!r} is not prepared in {data_dir!r}, and this "
+      "library never downloads (download=False). Prepare it once:",
+      "  * with internet: python -c \"import tensorflow_datasets as tfds; "
+      f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare()\"",
+      f"  * offline, from the original file(s) {archive} placed in DIR: "
+      f"tfds.builder('{name}', data_dir='{data_dir}').download_and_prepare("
+      "download_config=tfds.download.DownloadConfig(manual_dir=DIR)) "
+      "(checksums must match the official files).",
+  ]
+  if name == "fashion_mnist":
+    lines.append(
+        "  * or skip tfds: `apt-get install -y dataset-fashion-mnist` and use "
+        f"load_fashion_mnist_idx() / load_dataset('fashion_mnist', source='idx') "
+        f"(reads {FASHION_MNIST_IDX_DIR}; that package's re-compressed .gz files fail "
+        "tfds' checksums, so they cannot serve as manual_dir).")
+  return "\n".join(lines)
+
+
+def _read_tfds_split(builder, split, tfds):
+  """Reads a whole split as ([n, h, w, c] uint8, [n] int32) by explicit batches."""
+  ds = builder.as_dataset(split=split, as_supervised=True, batch_size=_TFDS_READ_BATCH,
+                          shuffle_files=False)
+  images, labels = [], []
+  for image_batch, label_batch in tfds.as_numpy(ds):
+    images.append(image_batch)
+    labels.append(label_batch)
+  if not images:
+    raise ValueError(f"split {split!r} of {builder.name} is empty")
+  return (np.ascontiguousarray(np.concatenate(images), dtype=np.uint8),
+          np.concatenate(labels).astype(np.int32))
+
+
+def load_tfds(name, *, data_dir=None):
+  """Loads a prepared tensorflow-datasets dataset into memory, never downloading.
+
+  Works under `tfds.testing.mock_data` (random data, for tests).
+
+  Args:
+    name: one of `TFDS_DATASETS`.
+    data_dir: tfds data directory; None for tfds' default ($TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
+  Returns:
+    `Dataset` with uint8 [N, H, W, C] images (32x32x3 for CIFAR / SVHN, 28x28x1 for
+    Fashion-MNIST) and int32 [N] labels; the tfds "train" and "test" splits.
+  Raises:
+    ValueError: unknown name.
+    DatasetNotFoundError: the dataset is not prepared in `data_dir`.
+  """
+  if name not in TFDS_DATASETS:
+    raise ValueError(f"unknown tfds dataset {name!r}; valid: {', '.join(TFDS_DATASETS)}")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _hide_gpus_from_tensorflow(tf)
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    train_images, train_labels = _read_tfds_split(builder, "train", tfds)
+    test_images, test_labels = _read_tfds_split(builder, "test", tfds)
+  except AssertionError as e:
+    # tfds signals "not prepared" with a bare AssertionError ("could not find data").
+    # We cannot check `builder.is_prepared()` up front: it is False under mock_data.
+    if builder.is_prepared():
+      raise
+    # builder.data_dir is <root>/<name>/<version>.
+    root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
+    raise DatasetNotFoundError(_tfds_missing_message(name, root)) from e
+  num_classes = int(builder.info.features["label"].num_classes)
+  return Dataset(train_images, train_labels, test_images, test_labels, num_classes, name)
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def _read_idx(path, magic, sample_shape):
+  """Reads a gzip IDX file of unsigned bytes as [n, *sample_shape] uint8."""
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  ndim = len(sample_shape) + 1
+  header_size = 4 * (1 + ndim)
+  if len(raw) < header_size:
+    raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+  header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
+  if int(header[0]) != magic:
+    raise ValueError(f"{path}: bad IDX magic number {int(header[0]):#010x}, "
+                     f"expected {magic:#010x}")
+  count, dims = int(header[1]), tuple(int(d) for d in header[2:])
+  if dims != tuple(sample_shape):
+    raise ValueError(f"{path}: sample shape {dims}, expected {tuple(sample_shape)}")
+  expected = header_size + count * int(np.prod(sample_shape, dtype=np.int64))
+  if len(raw) != expected:
+    raise ValueError(f"{path}: {len(raw)} bytes, expected {expected} for {count} items")
+  return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(
+      (count,) + tuple(sample_shape)).copy()
+
+
+def load_fashion_mnist_idx(directory=FASHION_MNIST_IDX_DIR):
+  """Loads Fashion-MNIST from the original gzip IDX files; no TensorFlow, no network.
+
+  Expects `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz` in `directory` (installed by
+  `apt-get install -y dataset-fashion-mnist`, or downloaded from the Fashion-MNIST site).
+
+  Args:
+    directory: folder holding the four files.
+  Returns:
+    `Dataset` named "fashion_mnist": train_images [60000, 28, 28, 1] uint8, train_targets
+    [60000] int32 in [0, 10), test_images [10000, 28, 28, 1], test_targets [10000].
+  Raises:
+    DatasetNotFoundError: a file is missing.
+    ValueError: a file is not a valid IDX file of the expected shape.
+  """
+  files = {f"{split}_{kind}": os.path.join(directory, f"{prefix}-{kind}-ubyte.gz")
+           for split, prefix in (("train", "train"), ("test", "t10k"))
+           for kind in ("images-idx3", "labels-idx1")}
+  missing = sorted(path for path in files.values() if not os.path.isfile(path))
+  if missing:
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST IDX files missing: {', '.join(missing)}. Install them with "
+        "`apt-get install -y dataset-fashion-mnist` (to "
+        f"{FASHION_MNIST_IDX_DIR}), or pass the directory holding "
+        "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz.")
+  splits = {}
+  for split in ("train", "test"):
+    images = _read_idx(files[f"{split}_images-idx3"], _IDX_IMAGES_MAGIC, (28, 28))
+    labels = _read_idx(files[f"{split}_labels-idx1"], _IDX_LABELS_MAGIC, ())
+    if len(images) != len(labels):
+      raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but "
+                       f"{len(labels)} labels in {directory}")
+    if labels.max(initial=0) >= 10:
+      raise ValueError(f"Fashion-MNIST {split}: label {labels.max()} out of range [0, 10)")
+    splits[split] = (images[..., None], labels.astype(np.int32))
+  return Dataset(*splits["train"], *splits["test"], num_classes=10, name="fashion_mnist")
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def _check_images(images, key, path):
+  if images.dtype != np.uint8:
+    raise ValueError(
+        f"{path}: {key!r} must be uint8, got {images.dtype}; convert before saving, e.g. "
+        "np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for floats in [0, 1]")
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise ValueError(f"{path}: {key!r} must be [N, H, W] or [N, H, W, C], "
+                     f"got shape {images.shape}")
+  return images
+
+
+def _check_targets(targets, key, path, num_images):
+  """Returns int32 [N] labels or float32 [N, K] regression targets."""
+  if len(targets) != num_images:
+    raise ValueError(f"{path}: {num_images} images but {len(targets)} {key!r}")
+  if np.issubdtype(targets.dtype, np.integer):
+    if targets.ndim != 1:
+      raise ValueError(f"{path}: integer (class label) {key!r} must be [N], "
+                       f"got shape {targets.shape}")
+    if targets.size and targets.min() < 0:
+      raise ValueError(f"{path}: negative class label {targets.min()} in {key!r}")
+    return targets.astype(np.int32)
+  if np.issubdtype(targets.dtype, np.floating):
+    targets = targets.reshape(len(targets), -1).astype(np.float32)
+    if not np.all(np.isfinite(targets)):
+      raise ValueError(f"{path}: non-finite values in {key!r}")
+    return targets
+  raise ValueError(f"{path}: {key!r} must be integer (classification) or float "
+                   f"(regression), got {targets.dtype}")
+
+
+def _split_indices(num_examples, test_fraction, seed):
+  """Deterministic random split; each part keeps the file's order."""
+  if not 0.0 < test_fraction < 1.0:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+  num_test = int(round(num_examples * test_fraction))
+  if not 0 < num_test < num_examples:
+    raise ValueError(f"cannot split {num_examples} examples with test_fraction="
+                     f"{test_fraction}: a split would be empty")
+  order = np.random.default_rng(seed).permutation(num_examples)
+  return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+def load_npz(path, *, test_fraction=0.2, seed=0, name=None):
+  """Loads own data from an `.npz` file.
+
+  Keys: `images` (uint8 [N, H, W] or [N, H, W, C]; [N, H, W] gets C=1) and `targets`,
+  optionally `test_images` and `test_targets` (both or neither) as the test split.
+  Without them a deterministic random `test_fraction` of the examples becomes the test
+  set. Integer targets mean classification (num_classes = max label + 1 over both
+  splits); float targets mean regression (num_classes = 0), flattened to [N, K]
+  (e.g. ICVL joints [N, 16, 3] -> [N, 48]). Images are not converted: non-uint8 images
+  are an error, so that scaling is the caller's explicit choice.
+
+  Args:
+    path: the `.npz` file.
+    test_fraction: fraction of examples held out when the file has no test split.
+    seed: seed of that split.
+    name: dataset name; default the file name without extension.
+  Returns:
+    `Dataset` with uint8 [N, H, W, C] images and int32 [N] / float32 [N, K] targets.
+  Raises:
+    ValueError: missing keys, length or shape mismatch, wrong dtypes, bad split.
+    FileNotFoundError: no such file.
+  """
+  with np.load(path, allow_pickle=False) as npz:
+    arrays = {key: npz[key] for key in npz.files}
+  missing = [key for key in ("images", "targets") if key not in arrays]
+  if missing:
+    raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(arrays)}; need "
+                     "'images' and 'targets' (optionally 'test_images', 'test_targets')")
+  has_test = ("test_images" in arrays, "test_targets" in arrays)
+  if any(has_test) and not all(has_test):
+    raise ValueError(f"{path}: 'test_images' and 'test_targets' must come together")
+
+  images = _check_images(arrays["images"], "images", path)
+  targets = _check_targets(arrays["targets"], "targets", path, len(images))
+  if all(has_test):
+    train_images, train_targets = images, targets
+    test_images = _check_images(arrays["test_images"], "test_images", path)
+    test_targets = _check_targets(arrays["test_targets"], "test_targets", path,
+                                  len(test_images))
+    if test_images.shape[1:] != train_images.shape[1:]:
+      raise ValueError(f"{path}: test images {test_images.shape[1:]} vs train images "
+                       f"{train_images.shape[1:]}")
+    if (test_targets.dtype != train_targets.dtype
+        or test_targets.shape[1:] != train_targets.shape[1:]):
+      raise ValueError(f"{path}: test targets {test_targets.dtype}{test_targets.shape[1:]}"
+                       f" vs train targets {train_targets.dtype}{train_targets.shape[1:]}")
+  else:
+    train_idx, test_idx = _split_indices(len(images), test_fraction, seed)
+    train_images, train_targets = images[train_idx], targets[train_idx]
+    test_images, test_targets = images[test_idx], targets[test_idx]
+
+  if train_targets.dtype == np.int32:
+    num_classes = int(max(train_targets.max(initial=-1), test_targets.max(initial=-1))) + 1
+  else:
+    num_classes = 0
+  if name is None:
+    name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+  return Dataset(train_images, train_targets, test_images, test_targets, num_classes, name)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def load_dataset(name, *, source="auto", data_dir=None, path=None, test_fraction=0.2,
+                 seed=0):
+  """Loads a dataset by name; the entry point of the experiment loop.
+
+  Args:
+    name: one of `DATASETS`: "cifar10", "cifar100", "svhn_cropped", "fashion_mnist",
+      "npz".
+    source: one of `SOURCES`. "auto": "fashion_mnist" reads the IDX files if present
+      (in `path`, else `FASHION_MNIST_IDX_DIR`) and falls back to tfds; the other image
+      datasets use tfds; "npz" reads `path`. "tfds" / "idx" force a source ("idx" only
+      for "fashion_mnist"); "npz" only for name "npz".
+    data_dir: tfds data directory (None: tfds' default).
+    path: the `.npz` file for "npz"; the IDX directory for fashion_mnist (optional).
+    test_fraction: npz only, see `load_npz`.
+    seed: npz only, see `load_npz`.
+  Returns:
+    `Dataset` (uint8 [N, H, W, C] images; int32 [N] or float32 [N, K] targets).
+  Raises:
+    ValueError: unknown name or source, or a source that does not fit the name.
+    DatasetNotFoundError: the data is not available locally.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+  if source not in SOURCES:
+    raise ValueError(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
+
+  if name == "npz":
+    if source not in ("auto", "npz"):
+      raise ValueError(f"dataset 'npz' needs source 'auto' or 'npz', got {source!r}")
+    if path is None:
+      raise ValueError("dataset 'npz' needs path=<file.npz>")
+    return load_npz(path, test_fraction=test_fraction, seed=seed)
+  if source == "npz":
+    raise ValueError(f"source 'npz' is only for dataset 'npz', not {name!r}")
+  if source == "idx" and name != "fashion_mnist":
+    raise ValueError(f"source 'idx' is only for 'fashion_mnist', not {name!r}")
+
+  if name == "fashion_mnist" and source in ("auto", "idx"):
+    directory = FASHION_MNIST_IDX_DIR if path is None else os.fspath(path)
+    if source == "idx":
+      return load_fashion_mnist_idx(directory)
+    try:
+      return load_fashion_mnist_idx(directory)
+    except DatasetNotFoundError:
+      pass  # No IDX files: try tfds below.
+  return load_tfds(name, data_dir=data_dir)
