@@ -1,0 +1,131 @@
+"""ResNet-18, CIFAR variant (SPEC §2), matching the PyTorch reference layer for layer.
+
+    stem   conv3x3(C->64, stride 1, pad 1, no bias) + BN + ReLU        (no max-pool)
+    stage1 2 x BasicBlock(64,  stride 1)                               -> [B, 32, 32, 64]
+    stage2 2 x BasicBlock(128, first stride 2)                         -> [B, 16, 16, 128]
+    stage3 2 x BasicBlock(256, first stride 2)                         -> [B,  8,  8, 256]
+    stage4 2 x BasicBlock(512, first stride 2)                         -> [B,  4,  4, 512]
+    global average pool -> embedding [B, 512] -> Dense head -> logits [B, num_classes]
+
+Spatial sizes are for 32x32 input; 28x28 input (Fashion-MNIST, 1-channel stem) gives 28, 14, 7, 4.
+The reference pools with `avg_pool2d(out, 4)`, which on the 4x4 final map of either input size is a
+global average; we take the mean over whatever spatial size remains, so other sizes work too.
+
+Convolutions have no bias and use explicit 1-pixel padding like torch (Flax "SAME" would pad an even
+input asymmetrically under stride 2). Projection shortcuts (1x1 conv, no bias, + BN) are used when
+the stride is not 1 or the channel count changes. Trainable parameters for 10 classes: 11,173,962
+with an RGB stem (identical to the PyTorch reference), 11,172,810 with a 1-channel stem; running
+BatchNorm statistics (in 'batch_stats') are not counted.
+
+BatchNorm follows torch defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5). One small difference
+remains: Flax updates the running variance with the biased batch variance, torch with the unbiased
+one (a factor n/(n-1), n = batch * height * width).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jax_seqgcn.models.small_cnn import torch_conv, torch_dense
+
+
+def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5), scale 1, bias 0.
+
+  Args:
+    train: if True normalise with batch statistics and update 'batch_stats'; else use the running
+      averages.
+    name: optional submodule name.
+  Returns:
+    An `nn.BatchNorm` over the last axis ([..., C] -> [..., C]).
+  """
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+  """ResNet basic block: two 3x3 conv+BN with a residual connection.
+
+  Attributes:
+    features: output channels.
+    stride: stride of the first convolution (and of the projection shortcut).
+  """
+  features: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, C_in] float32.
+      train: BatchNorm mode.
+    Returns:
+      [B, ceil(H / stride), ceil(W / stride), features].
+    """
+    in_channels = x.shape[-1]
+    out = torch_conv(self.features, in_channels, 3, stride=self.stride, padding=1,
+                     use_bias=False, name="conv1")(x)
+    out = nn.relu(batch_norm(train, "bn1")(out))
+    out = torch_conv(self.features, self.features, 3, padding=1, use_bias=False, name="conv2")(out)
+    out = batch_norm(train, "bn2")(out)
+    shortcut = x
+    if self.stride != 1 or in_channels != self.features:
+      shortcut = torch_conv(self.features, in_channels, 1, stride=self.stride, padding=0,
+                            use_bias=False, name="shortcut_conv")(x)
+      shortcut = batch_norm(train, "shortcut_bn")(shortcut)
+    return nn.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet built from `BasicBlock`s (defaults: ResNet-18).
+
+  Attributes:
+    num_classes: width of the logits.
+    stage_sizes: blocks per stage (default (2, 2, 2, 2)).
+    stage_features: channels per stage (default (64, 128, 256, 512)); the stem has
+      stage_features[0] channels and the embedding stage_features[-1] dimensions.
+    in_channels: if set, the input's channel count is checked against it (3 for RGB, 1 for
+      Fashion-MNIST); the stem itself adapts to the input.
+  """
+  num_classes: int = 10
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  stage_features: Sequence[int] = (64, 128, 256, 512)
+  in_channels: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool):
+    """Forward pass.
+
+    Args:
+      x: [B, H, W, C] float32, already normalised (32x32x3 or 28x28x1 in the paper's datasets).
+      train: BatchNorm mode; with train=True apply with `mutable=['batch_stats']`.
+    Returns:
+      (logits [B, num_classes], embedding [B, 512], stage_features) where stage_features holds
+      the output of each of the 4 stages: [B, H, W, 64], [B, H/2, W/2, 128], [B, H/4, W/4, 256],
+      [B, H/8, W/8, 512] (sizes rounded up).
+    """
+    chex.assert_rank(x, 4)
+    if self.in_channels is not None:
+      chex.assert_axis_dimension(x, 3, self.in_channels)
+    out = torch_conv(self.stage_features[0], x.shape[-1], 3, padding=1, use_bias=False,
+                     name="stem_conv")(x)
+    out = nn.relu(batch_norm(train, "stem_bn")(out))
+    stage_outputs = []
+    for stage, (num_blocks, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
+      for block in range(num_blocks):
+        stride = 2 if stage > 0 and block == 0 else 1
+        out = BasicBlock(features, stride, name=f"stage{stage + 1}_block{block + 1}")(
+            out, train=train)
+      stage_outputs.append(out)
+    embedding = jnp.mean(out, axis=(1, 2))
+    logits = torch_dense(self.num_classes, embedding.shape[-1], name="head")(embedding)
+    return logits, embedding, tuple(stage_outputs)
+
+
+class ResNet18(ResNet):
+  """ResNet-18, CIFAR variant: `ResNet` with its defaults, stages [2, 2, 2, 2] of 64/128/256/512."""

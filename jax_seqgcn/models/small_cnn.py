@@ -1,0 +1,132 @@
+"""The small CNN learner of the CPU-scale Fashion-MNIST protocol (SPEC §9), and torch-style inits.
+
+Architecture (defaults, 28x28x1 input):
+
+    conv3x3(1->32, pad 1) + ReLU + maxpool2      -> [B, 14, 14, 32]
+    conv3x3(32->64, pad 1) + ReLU + maxpool2     -> [B, 7, 7, 64]
+    flatten, Dense(64*7*7 -> 128) + ReLU         -> [B, 128]   (the embedding)
+    Dense(128 -> num_classes)                    -> [B, num_classes]
+
+Parameter count (28x28x1, 10 classes), all trainable, no BatchNorm:
+    conv1 3*3*1*32 + 32 = 320; conv2 3*3*32*64 + 64 = 18,496;
+    fc1 3136*128 + 128 = 401,536; fc2 128*10 + 10 = 1,290;  total 421,642.
+Compute per 28x28x1 image: 4,241,152 multiply-adds (conv1 225,792; conv2 3,612,672;
+fc1 401,408; fc2 1,280), i.e. ~8.5 MFLOPs counting a multiply-add as 2 FLOPs (bias, ReLU and
+pooling add ~0.1 MFLOP). XLA's cost analysis of the jitted forward pass reports 7.89 MFLOPs because
+it does not count the taps that fall on the zero padding (3,894,656 multiply-adds on real pixels).
+
+This module also holds the PyTorch-default initialisers shared by all learners so that CPU-scale
+results are comparable with the reference PyTorch runs:
+  * kernels: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) = `torch_kernel_init`;
+  * biases: U(+-1/sqrt(fan_in)) = `torch_bias_init(fan_in)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+# torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = sqrt(1/fan_in),
+# which is variance_scaling's uniform limit sqrt(3 * scale / fan_in) with scale = 1/3.
+torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
+  """PyTorch's default bias initialiser for Conv/Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  Args:
+    fan_in: number of inputs of one output unit (in_features, or in_channels * kh * kw).
+  Returns:
+    An initializer `(key, shape, dtype) -> array` (shape is the bias shape, e.g. [features]).
+  """
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+  return init
+
+
+def torch_conv(features: int, in_channels: int, kernel_size: int = 3, *, stride: int = 1,
+               padding: int | str = 1, use_bias: bool = True, name: str | None = None) -> nn.Conv:
+  """An `nn.Conv` with PyTorch's Conv2d default initialisation (call inside a compact method).
+
+  Args:
+    features: output channels.
+    in_channels: input channels (needed for the bias bound, fan_in = in_channels * k * k).
+    kernel_size: square kernel size k.
+    stride: spatial stride.
+    padding: symmetric zero padding in pixels (torch semantics) or a Flax padding string.
+    use_bias: whether the convolution has a bias.
+    name: optional submodule name.
+  Returns:
+    The `nn.Conv` module; applied to [B, H, W, in_channels] it gives [B, H', W', features].
+  """
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
+                 use_bias=use_bias, kernel_init=torch_kernel_init,
+                 bias_init=torch_bias_init(in_channels * kernel_size * kernel_size), name=name)
+
+
+def torch_dense(features: int, in_features: int, *, name: str | None = None) -> nn.Dense:
+  """An `nn.Dense` with PyTorch's nn.Linear default initialisation (call inside a compact method).
+
+  Args:
+    features: output width.
+    in_features: input width (for the bias bound).
+    name: optional submodule name.
+  Returns:
+    The `nn.Dense` module mapping [B, in_features] -> [B, features].
+  """
+  return nn.Dense(features, kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
+                  name=name)
+
+
+def _max_pool2(x: jax.Array) -> jax.Array:
+  # torch MaxPool2d(2) floors odd sizes; VALID does the same.
+  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+class SmallCNN(nn.Module):
+  """Two conv+pool stages and a 128-d hidden layer (SPEC §9 "small CNN"); no BatchNorm.
+
+  Attributes:
+    num_classes: width of the logits.
+    conv_features: output channels of the two conv stages (default (32, 64)).
+    hidden: width of the hidden Dense layer = embedding dimension D (default 128).
+    in_channels: if set, the input's channel count is checked against it.
+  """
+  num_classes: int = 10
+  conv_features: Sequence[int] = (32, 64)
+  hidden: int = 128
+  in_channels: int | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False):
+    """Forward pass.
+
+    Args:
+      x: [B, H, W, C] float32 images (28x28x1 for Fashion-MNIST; any size works).
+      train: accepted for the common learner interface; the network has no train-time behaviour.
+    Returns:
+      (logits [B, num_classes], embedding [B, hidden], stage_features) where stage_features is
+      (conv1 after ReLU [B, H, W, c1], after pool1 [B, H/2, W/2, c1],
+       conv2 after ReLU [B, H/2, W/2, c2], after pool2 [B, H/4, W/4, c2]).
+    """
+    del train
+    chex.assert_rank(x, 4)
+    if self.in_channels is not None:
+      chex.assert_axis_dimension(x, 3, self.in_channels)
+    c1, c2 = self.conv_features
+    conv1 = nn.relu(torch_conv(c1, x.shape[-1], name="conv1")(x))
+    pool1 = _max_pool2(conv1)
+    conv2 = nn.relu(torch_conv(c2, c1, name="conv2")(pool1))
+    pool2 = _max_pool2(conv2)
+    flat = pool2.reshape(pool2.shape[0], -1)
+    embedding = nn.relu(torch_dense(self.hidden, flat.shape[-1], name="fc1")(flat))
+    logits = torch_dense(self.num_classes, self.hidden, name="head")(embedding)
+    return logits, embedding, (conv1, pool1, conv2, pool2)
