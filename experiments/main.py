@@ -1,0 +1,45 @@
+"""Runs (or resumes) an active learning experiment.
+
+  python experiments/main.py --config=configs/fashion_mnist_cpu.py --workdir=runs/fmnist \
+      [--config.sampler.name=CoreGCN] [--config.al.trials=3 ...]
+
+Multi-host: start one process per host with --coordinator=HOST:PORT --num_processes=P
+--process_id=I (CPU hosts use gloo collectives); exactly one process writes results.
+"""
+
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ and the package
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
+flags.DEFINE_string("coordinator", None, "Multi-process: coordinator address HOST:PORT.")
+flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  # tfds must not grab accelerator memory (STYLE.md); TF is only imported if tfds is used.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from jax_seqgcn import loop, parallel  # pylint: disable=g-import-not-at-top
+  if FLAGS.coordinator:
+    parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  try:
+    loop.run(FLAGS.config, FLAGS.workdir)
+  except loop.ConfigError as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,47 @@
+"""Overlays several runs (one workdir per sampler) in one figure and one markdown table.
+
+  python experiments/plot.py runs/random runs/coregcn ... --out docs/curve.png [--table docs/x.md]
+
+Each run is labelled by its sampler name (from its config.json) unless --labels is given.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from jax_seqgcn import results  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("workdirs", nargs="+")
+  parser.add_argument("--labels", help="comma-separated labels, one per workdir")
+  parser.add_argument("--out", default="curve.png", help="PNG to write")
+  parser.add_argument("--table", help="also write the markdown table to this file")
+  parser.add_argument("--title")
+  args = parser.parse_args()
+  labels = args.labels.split(",") if args.labels else []
+  runs, task = {}, "classification"
+  for i, workdir in enumerate(args.workdirs):
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "results.jsonl").exists():
+      sys.exit(f"error: {workdir} has no results.jsonl")
+    config = json.loads((workdir / "config.json").read_text())
+    task = config["learner"]["task"]
+    label = labels[i] if i < len(labels) else config["sampler"]["name"]
+    runs[label] = results.read_jsonl(workdir / "results.jsonl")
+  scale = 100.0 if task == "classification" else 1.0
+  metric = "accuracy %" if task == "classification" else "mean joint error"
+  table = results.markdown_table(runs, metric_name=metric, scale=scale)
+  results.plot_curves(runs, args.out, scale=scale, title=args.title,
+                      ylabel="test accuracy (%)" if scale == 100.0 else metric)
+  if args.table:
+    pathlib.Path(args.table).write_text(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,52 @@
+"""jax-seqgcn: sequential graph convolutional samplers for deep active learning in JAX.
+
+Public API (shapes in each docstring):
+
+* Graph sampler core (`graph`): `normalized_adjacency`, `factored_adjacency`, `propagate`,
+  `GCN`, `gcn_loss`, `train_gcn`, `params_from_torch`.
+* Selection (`kcenter`, `samplers`): `k_center_greedy`, the samplers `samplers.random`,
+  `samplers.coreset`, `samplers.uncertain_gcn`, `samplers.core_gcn`, the registry `SAMPLERS` /
+  `get_sampler(name)`, and the selection rules `uncertain_gcn_select`, `core_gcn_select`.
+* Learners (`models`): `get_learner(name, ...)`, `LEARNERS`, `ResNet18`, `VGG11`, `DeepPrior`,
+  `SmallCNN`.
+* Data (`data`): `load_dataset`, `load_tfds`, `load_fashion_mnist_idx`, `load_npz`, `Dataset`.
+"""
+
+from jax_seqgcn import checks
+from jax_seqgcn import data
+from jax_seqgcn import graph
+from jax_seqgcn import kcenter
+from jax_seqgcn import models
+from jax_seqgcn import samplers
+from jax_seqgcn.data import DATASETS
+from jax_seqgcn.data import Dataset
+from jax_seqgcn.data import DatasetNotFoundError
+from jax_seqgcn.data import describe
+from jax_seqgcn.data import load_dataset
+from jax_seqgcn.data import load_fashion_mnist_idx
+from jax_seqgcn.data import load_npz
+from jax_seqgcn.data import load_tfds
+from jax_seqgcn.graph import FactoredAdjacency
+from jax_seqgcn.graph import GCN
+from jax_seqgcn.graph import GCNResult
+from jax_seqgcn.graph import choose_adjacency
+from jax_seqgcn.graph import factored_adjacency
+from jax_seqgcn.graph import gcn_loss
+from jax_seqgcn.graph import gcn_loss_from_logits
+from jax_seqgcn.graph import normalized_adjacency
+from jax_seqgcn.graph import params_from_torch
+from jax_seqgcn.graph import propagate
+from jax_seqgcn.graph import train_gcn
+from jax_seqgcn.kcenter import k_center_greedy
+from jax_seqgcn.models import LEARNERS
+from jax_seqgcn.models import DeepPrior
+from jax_seqgcn.models import ResNet18
+from jax_seqgcn.models import SmallCNN
+from jax_seqgcn.models import VGG11
+from jax_seqgcn.models import get_learner
+from jax_seqgcn.samplers import SAMPLERS
+from jax_seqgcn.samplers import core_gcn_select
+from jax_seqgcn.samplers import get_sampler
+from jax_seqgcn.samplers import uncertain_gcn_select
+
+__version__ = "0.1.0"
