@@ -1,0 +1,190 @@
+"""End-to-end tests of the active learning loop (tiny configs), resume after SIGKILL, configs."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from jax_seqgcn import loop
+from jax_seqgcn import results
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+  """A small synthetic classification set: 10 classes of noisy class-mean images."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 400)
+  means = rng.integers(0, 256, (10, 28, 28, 1))
+  images = np.clip(means[labels] + rng.normal(0, 40, (400, 28, 28, 1)), 0, 255).astype(np.uint8)
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  np.savez(path, images=images[:300], targets=labels[:300], test_images=images[300:],
+           test_targets=labels[300:])
+  return str(path)
+
+
+def tiny_config(npz_path=None, **overrides):
+  config = test_config.get_config()
+  if npz_path:
+    config.data.name, config.data.source, config.data.path = "npz", "npz", npz_path
+  config.al.trials = 1
+  config.train.epochs = 1
+  for dotted, value in overrides.items():
+    section, _, name = dotted.rpartition("__")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def labelled_sets(workdir, trial=0):
+  files = sorted((pathlib.Path(workdir) / "labelled").glob(f"trial{trial}_cycle*.npy"))
+  return [np.load(f) for f in files]
+
+
+@pytest.mark.parametrize("sampler", ["Random", "CoreSet", "UncertainGCN", "CoreGCN"])
+def test_each_sampler_end_to_end(tmp_path, npz_path, sampler):
+  config = tiny_config(npz_path, sampler__name=sampler)
+  records = loop.run(config, tmp_path)
+  al = config.al
+  assert [r.n_labelled for r in records] == [al.initial + c * al.budget for c in range(al.cycles)]
+  assert all(0.0 <= r.metric <= 1.0 for r in records)
+  assert records[1].sample_s > 0 and records[-1].sample_s == 0  # no selection after the last
+  sets = labelled_sets(tmp_path)
+  assert len(sets) == al.cycles
+  for before, after in zip(sets, sets[1:]):
+    assert len(np.unique(after)) == len(after) == len(before) + al.budget
+    np.testing.assert_array_equal(after[:len(before)], before)
+  assert results.read_jsonl(tmp_path / "results.jsonl") == records
+  assert "± " in (tmp_path / "summary.md").read_text()
+  assert (tmp_path / "curve.png").stat().st_size > 1000
+  assert json.loads((tmp_path / "config.json").read_text())["sampler"]["name"] == sampler
+
+
+def test_same_config_twice_gives_identical_results(tmp_path, npz_path):
+  config = tiny_config(npz_path, sampler__name="CoreGCN", al__trials=2, al__cycles=2)
+  first = loop.run(config, tmp_path / "a")
+  second = loop.run(config, tmp_path / "b")
+  assert [(r.trial, r.cycle, r.n_labelled, r.metric) for r in first] == \
+         [(r.trial, r.cycle, r.n_labelled, r.metric) for r in second]
+  for trial in range(2):
+    for x, y in zip(labelled_sets(tmp_path / "a", trial), labelled_sets(tmp_path / "b", trial)):
+      np.testing.assert_array_equal(x, y)
+  # Trials differ (their keys do).
+  assert not np.array_equal(labelled_sets(tmp_path / "a", 0)[0], labelled_sets(tmp_path / "a", 1)[0])
+
+
+def test_rerun_of_a_finished_workdir_trains_nothing(tmp_path, npz_path, monkeypatch):
+  config = tiny_config(npz_path, sampler__name="Random", al__cycles=2)
+  first = loop.run(config, tmp_path)
+  monkeypatch.setattr(loop._Run, "train_and_test",  # pylint: disable=protected-access
+                      lambda *a: pytest.fail("trained again"))
+  assert loop.run(config, tmp_path) == first
+
+
+def _main(workdir, *overrides):
+  return [sys.executable, str(ROOT / "experiments" / "main.py"),
+          f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={workdir}",
+          "--config.al.trials=1", "--config.sampler.name=UncertainGCN", *overrides]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+  # Real Fashion-MNIST, real processes: kill -9 right after the first cycle's checkpoint and
+  # again in the middle of the resumed run's training, then let it finish.
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  workdir = tmp_path / "killed"
+  for kill_after_lines in (1, 0):
+    proc = subprocess.Popen(_main(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    seen = 0
+    deadline = time.time() + 400
+    for line in proc.stdout:
+      if "| labelled" in line:
+        seen += 1
+      if seen >= kill_after_lines and (kill_after_lines or "epoch 1/" in line):
+        time.sleep(0.5 if kill_after_lines else 0.0)
+        proc.send_signal(signal.SIGKILL)
+        break
+      assert time.time() < deadline, "run did not reach the kill point"
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+  finish = subprocess.run(_main(workdir), capture_output=True, text=True, env=env, timeout=600)
+  assert finish.returncode == 0, finish.stdout + finish.stderr
+  assert "resuming" in finish.stdout
+  clean = subprocess.run(_main(tmp_path / "clean"), capture_output=True, text=True, env=env,
+                         timeout=600)
+  assert clean.returncode == 0, clean.stdout + clean.stderr
+  killed = results.read_jsonl(workdir / "results.jsonl")
+  uninterrupted = results.read_jsonl(tmp_path / "clean" / "results.jsonl")
+  assert len(killed) == 3
+  assert [(r.cycle, r.n_labelled, r.metric) for r in killed] == \
+         [(r.cycle, r.n_labelled, r.metric) for r in uninterrupted]
+  for x, y in zip(labelled_sets(workdir), labelled_sets(tmp_path / "clean")):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_different_config_on_existing_workdir_is_refused(tmp_path, npz_path):
+  loop.run(tiny_config(npz_path, sampler__name="Random", al__cycles=1), tmp_path)
+  with pytest.raises(loop.ConfigError, match="different config.*sampler.name"):
+    loop.run(tiny_config(npz_path, sampler__name="CoreSet", al__cycles=1), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(sampler__name="Uncertain"), "unknown sampler 'Uncertain'; valid: Random, CoreSet"),
+    (dict(data__name="mnist"), "unknown dataset 'mnist'; valid: cifar10"),
+    (dict(learner__name="resnet50"), "unknown learner 'resnet50'; valid:"),
+    (dict(al__budget=0), "al.budget must be a positive int"),
+    (dict(al__subset=-5), "al.subset must be a positive int"),
+    (dict(train__epochs=0), "train.epochs must be a positive int"),
+    (dict(al__subset=10, al__budget=20), "smaller than al.budget"),
+    (dict(al__initial=250, al__budget=30), "larger than the pool of 300"),
+])
+def test_bad_config_fails_before_training(tmp_path, npz_path, overrides, message, monkeypatch):
+  monkeypatch.setattr(loop._Run, "train_and_test",  # pylint: disable=protected-access
+                      lambda *a: pytest.fail("training started"))
+  with pytest.raises(loop.ConfigError, match=message):
+    loop.run(tiny_config(npz_path, **overrides), tmp_path)
+
+
+def test_main_reports_config_errors_cleanly(tmp_path):
+  out = subprocess.run(_main(tmp_path, "--config.sampler.name=Nope"), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  assert "error: bad config" in out.stderr and "valid: Random" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_upper_bound_trains_once_on_the_whole_split(tmp_path, npz_path):
+  records = loop.run(tiny_config(npz_path, al__upper_bound=True, al__trials=2), tmp_path)
+  assert [(r.trial, r.cycle, r.n_labelled) for r in records] == [(0, 0, 300), (1, 0, 300)]
+
+
+def test_plot_overlays_runs(tmp_path, npz_path):
+  for sampler in ("Random", "CoreSet"):
+    loop.run(tiny_config(npz_path, sampler__name=sampler, al__cycles=2), tmp_path / sampler)
+  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot.py"),
+                        str(tmp_path / "Random"), str(tmp_path / "CoreSet"),
+                        "--out", str(tmp_path / "both.png"), "--table", str(tmp_path / "t.md")],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  table = (tmp_path / "t.md").read_text()
+  assert "Random (accuracy %)" in table and "CoreSet (accuracy %)" in table
+  assert (tmp_path / "both.png").stat().st_size > 1000
+
+
+def test_summary_statistics_by_hand():
+  records = [results.Record(t, c, 10 * (c + 1), m, 1.0, 0.5, 0.25)
+             for t, c, m in [(0, 0, 0.5), (1, 0, 0.7), (0, 1, 0.6), (1, 1, 0.6)]]
+  summary = results.summarize(records)
+  assert [(s.cycle, s.n_labelled, s.trials) for s in summary] == [(0, 10, 2), (1, 20, 2)]
+  np.testing.assert_allclose([s.mean for s in summary], [0.6, 0.6])
+  np.testing.assert_allclose([s.std for s in summary], [0.1, 0.0], atol=1e-12)
+  np.testing.assert_allclose(summary[0].seconds, 1.75)
+  assert "60.00 ± 10.00" in results.markdown_table({"X": records})
