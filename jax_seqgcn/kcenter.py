@@ -119,6 +119,24 @@ def k_center_greedy(features: jax.Array, is_centre: jax.Array, budget: int, *,
   Raises:
     ValueError: non-finite features, mask of the wrong length, bad budget.
   """
+  features, is_centre, first_pick = validate(features, is_centre, budget, key)
+  return _greedy_jit(features, is_centre, first_pick, budget=int(budget))
+
+
+def validate(features, is_centre, budget, key=None):
+  """Host-side checks shared by the k-center entry points, and the cold-start pick.
+
+  Args:
+    features: [N, d] array-like (ints are cast to float32).
+    is_centre: [N] bool (or 0/1) array-like.
+    budget: number of picks.
+    key: optional PRNG key.
+  Returns:
+    (features [N, d] float, is_centre [N] bool, first_pick int32 scalar): the random candidate
+    that starts a cold start when `key` is given, else -1.
+  Raises:
+    ValueError: as `k_center_greedy`.
+  """
   features = checks.features(features)
   is_centre = checks.mask(is_centre, features.shape[0], name="is_centre")
   checks.budget(budget, int(features.shape[0] - jnp.sum(is_centre)))
@@ -126,5 +144,4 @@ def k_center_greedy(features: jax.Array, is_centre: jax.Array, budget: int, *,
   if key is not None:
     candidates = ~is_centre
     first_pick = jax.random.choice(key, features.shape[0], p=candidates / jnp.sum(candidates))
-  return _greedy_jit(features, is_centre, jnp.asarray(first_pick, jnp.int32),
-                     budget=int(budget))
+  return features, is_centre, jnp.asarray(first_pick, jnp.int32)

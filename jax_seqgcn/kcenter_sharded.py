@@ -1,0 +1,168 @@
+"""Greedy k-center over a pool sharded across devices (SPEC §4, multi-device `k_center_greedy`).
+
+The node axis is split over the 1-D mesh axis 'data' with `jax.shard_map`: each device holds
+N / devices rows of the features and of min_dist, so no device ever holds all features, let
+alone an N x N array. Per pick:
+
+1. every shard finds its local max of min_dist and its first (global) index;
+2. `pmax` gives the global max and `pmin` over the indices of the shards that reach it gives the
+   smallest index, i.e. exactly `jnp.argmax`'s first-index-on-ties rule;
+3. the owner's row of the pick is broadcast with a `psum` (all other shards contribute zeros, so
+   the sum is exact) and every shard updates its min_dist with exact differences.
+
+Initial centres are processed in the same blocks of `kcenter.CENTRE_BLOCK` as the single-device
+version (each block's rows gathered with a `psum`), shortlisting each node's two nearest centres
+by matrix products and keeping their exact distances. The result equals `k_center_greedy` index
+for index (see tests/test_kcenter_sharded.py).
+
+N is padded up to a multiple of the device count with zero rows whose min_dist stays below every
+real node's (never picked) and that are never centres.
+"""
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_seqgcn import kcenter
+
+DATA_AXIS = "data"
+# Padding rows: below kcenter._TAKEN (-1), so never the argmax even once every real node is taken.
+_PAD = -2.0
+
+
+def _varying(x):
+  """Marks a value created identically on every device as per-device (shard_map loop carries)."""
+  return jax.lax.pcast(x, DATA_AXIS, to="varying")
+
+
+def _merge_nearest_two(features, sq_norms, centre_rows, centre_ids, best):
+  """Merges one block of centres into each local node's two nearest: (d2, ids, exact distance).
+
+  Same shortlist as `kcenter._nearest_two` (approximate d^2 by a matrix product, `top_k` keeps
+  the earlier entry on ties); the exact distance of each newly shortlisted centre is computed
+  from the block's rows, which every device has, instead of gathering rows after the loop.
+  """
+  best_d2, best_ids, best_exact = best
+  approx = (sq_norms[:, None] - 2.0 * features @ centre_rows.T
+            + jnp.sum(jnp.square(centre_rows), axis=-1)[None, :])
+  d2 = jnp.concatenate([best_d2, approx], axis=1)
+  ids = jnp.concatenate([best_ids, jnp.broadcast_to(centre_ids, approx.shape)], axis=1)
+  neg, order = jax.lax.top_k(-d2, 2)
+  from_block = order >= 2
+  new_rows = centre_rows[jnp.clip(order - 2, 0, centre_rows.shape[0] - 1)]  # [n, 2, d]
+  new_exact = jnp.sqrt(jnp.sum(jnp.square(features[:, None, :] - new_rows), axis=-1))
+  old_exact = jnp.take_along_axis(best_exact, jnp.clip(order, 0, 1), axis=1)
+  return (-neg, jnp.take_along_axis(ids, order, axis=1),
+          jnp.where(from_block, new_exact, old_exact))
+
+
+def _gather_rows(features, ids, offset):
+  """Rows `ids` (global indices) of the sharded features, on every device: [len(ids), d]."""
+  local = ids - offset
+  owned = (local >= 0) & (local < features.shape[0])
+  rows = features[jnp.clip(local, 0, features.shape[0] - 1)]
+  return jax.lax.psum(jnp.where(owned[..., None], rows, jnp.zeros_like(rows)), DATA_AXIS)
+
+
+def _initial_min_distances(features, all_centres, offset, block):
+  """Local [n_local] distances to the nearest centre (+inf without centres)."""
+  n_local, n_total = features.shape[0], all_centres.shape[0]
+  num_centres = jnp.sum(all_centres)
+  centre_idx = jnp.nonzero(all_centres, size=n_total + block,
+                           fill_value=jnp.argmax(all_centres))[0].astype(jnp.int32)
+  sq_norms = jnp.sum(jnp.square(features), axis=-1)
+  best = (_varying(jnp.full((n_local, 2), jnp.inf, features.dtype)),
+          _varying(jnp.zeros((n_local, 2), jnp.int32)),
+          _varying(jnp.full((n_local, 2), jnp.inf, features.dtype)))
+
+  def body(state):
+    b, best = state
+    ids = jax.lax.dynamic_slice(centre_idx, (b * block,), (block,))
+    rows = _gather_rows(features, ids, offset)
+    return b + 1, _merge_nearest_two(features, sq_norms, rows, ids, best)
+
+  num_blocks = (num_centres + block - 1) // block
+  _, (_, _, exact) = jax.lax.while_loop(lambda s: s[0] < num_blocks, body, (0, best))
+  return jnp.min(exact, axis=1)
+
+
+def _local_greedy(features, is_centre, first_pick, num_nodes, *, budget, block):
+  """Per-device body: features [n_local, d], is_centre [n_local]; returns [budget] picks."""
+  n_local = features.shape[0]
+  offset = jax.lax.axis_index(DATA_AXIS) * n_local
+  global_idx = offset + jnp.arange(n_local, dtype=jnp.int32)
+  all_centres = jax.lax.all_gather(is_centre, DATA_AXIS, tiled=True, to="invarying")
+  has_centres = jnp.any(all_centres)
+  min_dist = _initial_min_distances(features, all_centres, offset, block)
+  min_dist = jnp.where(is_centre, kcenter._TAKEN, min_dist)  # pylint: disable=protected-access
+  min_dist = jnp.where(global_idx < num_nodes, min_dist, _PAD)
+  no_index = jnp.iinfo(jnp.int32).max
+
+  def body(t, state):
+    local_arg = jnp.argmax(state.min_dist)
+    local_max = state.min_dist[local_arg]
+    global_max = jax.lax.pmax(local_max, DATA_AXIS)
+    # Smallest global index among the shards holding the max: first index on ties.
+    pick = jax.lax.pmin(jnp.where(local_max == global_max, offset + local_arg, no_index),
+                        DATA_AXIS).astype(jnp.int32)
+    pick = jnp.where((t == 0) & ~has_centres & (first_pick >= 0), first_pick, pick)
+    row = _gather_rows(features, pick, offset)
+    dist = jnp.minimum(state.min_dist, kcenter.exact_distances(features, row))
+    dist = jnp.where(global_idx == pick, kcenter._TAKEN, dist)  # pylint: disable=protected-access
+    return kcenter.KCenterState(dist, state.picks.at[t].set(pick))
+
+  state = kcenter.KCenterState(min_dist, jnp.zeros((budget,), jnp.int32))
+  return jax.lax.fori_loop(0, budget, body, state).picks
+
+
+@functools.partial(jax.jit, static_argnames=("budget", "mesh", "block"))
+def _greedy_sharded(features, is_centre, first_pick, num_nodes, *, budget, mesh, block):
+  local = functools.partial(_local_greedy, budget=budget, block=block)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+                       out_specs=P())(features, is_centre, first_pick, num_nodes)
+
+
+def default_mesh() -> Mesh:
+  """A 1-D mesh with axis 'data' over all devices."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+
+
+def k_center_greedy_sharded(features: jax.Array, is_centre: jax.Array, budget: int, *,
+                            mesh: Optional[Mesh] = None,
+                            key: Optional[jax.Array] = None) -> jax.Array:
+  """`kcenter.k_center_greedy` with the node axis sharded over the mesh axis 'data'.
+
+  Same picks, same validation, same cold start: each device keeps N / devices rows of the
+  features and of min_dist; the global argmax and the picked row are exchanged with collectives
+  (per pick: a scalar `pmax`, a scalar `pmin` and a [dim] `psum`). Memory per device
+  O(N / devices * (dim + block)); never an N x N array. One compile per (shape, budget, mesh).
+
+  Args:
+    features: [num_nodes, dim] float array (host or device; it is padded to a multiple of the
+      number of shards and laid out with `NamedSharding(mesh, P('data'))`).
+    is_centre: [num_nodes] bool, the initial centres (labelled nodes).
+    budget: static int, number of picks, 1 <= budget <= number of non-centres.
+    mesh: a mesh with an axis 'data' (default: 1-D over all devices, `default_mesh()`).
+    key: PRNG key for the first centre of a cold start (no centres), as `k_center_greedy`.
+  Returns:
+    [budget] int32 distinct candidate indices in pick order, replicated over the mesh.
+  Raises:
+    ValueError: as `k_center_greedy`, or a mesh without a 'data' axis.
+  """
+  features, is_centre, first_pick = kcenter.validate(features, is_centre, budget, key)
+  mesh = default_mesh() if mesh is None else mesh
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"the mesh needs an axis {DATA_AXIS!r}, got axes {mesh.axis_names}")
+  num_nodes = features.shape[0]
+  shards = mesh.shape[DATA_AXIS]
+  padding = math.ceil(num_nodes / shards) * shards - num_nodes
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  features = jax.device_put(jnp.pad(features, ((0, padding), (0, 0))), sharding)
+  is_centre = jax.device_put(jnp.pad(is_centre, (0, padding)), sharding)
+  return _greedy_sharded(features, is_centre, first_pick, jnp.int32(num_nodes),
+                         budget=int(budget), mesh=mesh, block=kcenter.CENTRE_BLOCK)
