@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax_seqgcn.models.conv import Conv2D
+
 # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = sqrt(1/fan_in),
 # which is variance_scaling's uniform limit sqrt(3 * scale / fan_in) with scale = 1/3.
 torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -53,7 +55,8 @@ def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
 
 
 def torch_conv(features: int, in_channels: int, kernel_size: int = 3, *, stride: int = 1,
-               padding: int | str = 1, use_bias: bool = True, name: str | None = None) -> nn.Conv:
+               padding: int = 1, use_bias: bool = True, name: str | None = None,
+               impl: str = "auto") -> Conv2D:
   """An `nn.Conv` with PyTorch's Conv2d default initialisation (call inside a compact method).
 
   Args:
@@ -61,15 +64,19 @@ def torch_conv(features: int, in_channels: int, kernel_size: int = 3, *, stride:
     in_channels: input channels (needed for the bias bound, fan_in = in_channels * k * k).
     kernel_size: square kernel size k.
     stride: spatial stride.
-    padding: symmetric zero padding in pixels (torch semantics) or a Flax padding string.
+    padding: symmetric zero padding in pixels (torch semantics).
     use_bias: whether the convolution has a bias.
     name: optional submodule name.
+    impl: convolution implementation, see `jax_seqgcn.models.conv` ("auto": im2col on CPU,
+      where XLA's convolution is slow inside `lax.scan`; XLA's own elsewhere).
   Returns:
-    The `nn.Conv` module; applied to [B, H, W, in_channels] it gives [B, H', W', features].
+    A `Conv2D` (parameters `kernel`, `bias` as `nn.Conv`); applied to [B, H, W, in_channels]
+    it gives [B, H', W', features].
   """
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
-                 use_bias=use_bias, kernel_init=torch_kernel_init,
-                 bias_init=torch_bias_init(in_channels * kernel_size * kernel_size), name=name)
+  return Conv2D(features, kernel_size, stride=stride, padding=padding, use_bias=use_bias,
+                kernel_init=torch_kernel_init,
+                bias_init=torch_bias_init(in_channels * kernel_size * kernel_size), impl=impl,
+                name=name)
 
 
 def torch_dense(features: int, in_features: int, *, name: str | None = None) -> nn.Dense:
