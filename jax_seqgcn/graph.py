@@ -26,6 +26,7 @@ import optax
 from jax_seqgcn import checks
 
 Params = Any
+_LOG = logging.getLogger(__name__)
 
 
 class FactoredAdjacency(NamedTuple):
@@ -54,12 +55,19 @@ def available_memory_bytes(device: Optional[jax.Device] = None) -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def choose_adjacency(num_nodes: int, dtype=jnp.float32, *,
+def choose_adjacency(num_nodes: int, dim: int, dtype=jnp.float32, *,
                      memory_bytes: Optional[int] = None) -> str:
-  """"dense" if ~3 N x N arrays fit in half the available memory, else "factored" (logged).
+  """The adjacency mode "auto" resolves to: the cheaper one that fits.
+
+  Both modes apply the same operator. Per training step the dense form streams the N x N
+  matrix twice (forward and backward of the second layer: ~2 N^2 values) while the factored
+  form streams V four times (~4 N dim); the one-off A V costs N^2 dim against 2 N dim^2. So
+  factored is chosen when 2 dim < N, and always when ~3 dense N x N arrays would not fit in half
+  the available memory (logged, since that is the reference's failure mode on large pools).
 
   Args:
     num_nodes: N.
+    dim: feature dimension.
     dtype: feature dtype.
     memory_bytes: override of `available_memory_bytes()`.
   Returns:
@@ -67,11 +75,11 @@ def choose_adjacency(num_nodes: int, dtype=jnp.float32, *,
   """
   memory_bytes = available_memory_bytes() if memory_bytes is None else memory_bytes
   needed = _DENSE_COPIES * num_nodes ** 2 * jnp.dtype(dtype).itemsize
-  if needed <= memory_bytes // 2:
-    return "dense"
-  logging.info("adjacency: dense N=%d needs ~%.1f GB of %.1f GB available; using the factored "
-               "(matrix-free) form", num_nodes, needed / 1e9, memory_bytes / 1e9)
-  return "factored"
+  if needed > memory_bytes // 2:
+    _LOG.warning("adjacency: dense N=%d needs ~%.1f GB of %.1f GB available; using the factored "
+                 "(matrix-free) form", num_nodes, needed / 1e9, memory_bytes / 1e9)
+    return "factored"
+  return "factored" if 2 * dim < num_nodes else "dense"
 
 
 def l2_normalize(features: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -334,7 +342,7 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
     learning_rate, weight_decay: Adam settings.
     params: optional initial parameters (e.g. `params_from_torch(np.load('gcn_init.npz'))`).
     adjacency: "dense" (N x N matrix, as the reference), "factored" (never forms it; the same
-      operator up to float rounding) or "auto" (dense when it fits, see `choose_adjacency`).
+      operator up to float rounding) or "auto" (the cheaper that fits, see `choose_adjacency`).
   Returns:
     `GCNResult(params, scores [N], embedding [N, hidden + 1], losses [steps])`; scores and
     embedding come from an eval-mode (no dropout) pass after training.
@@ -352,7 +360,7 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
   unit = l2_normalize(features)
   checks.column_sums(_column_sums(unit))
   if adjacency == "auto":
-    adjacency = choose_adjacency(unit.shape[0], unit.dtype)
+    adjacency = choose_adjacency(unit.shape[0], unit.shape[1], unit.dtype)
   if params is not None:
     params = jax.tree.map(lambda p: jnp.asarray(p, unit.dtype), params)
   return _train_jit(key, unit, labelled_mask, params, lambda_, learning_rate, weight_decay,

@@ -173,9 +173,13 @@ def test_factored_training_never_forms_an_n_by_n_array():
   assert has_square_array(dense, n)  # the check itself can fail
 
 
-def test_choose_adjacency():
-  assert graph.choose_adjacency(1000, memory_bytes=10 ** 9) == "dense"
-  assert graph.choose_adjacency(100_000, memory_bytes=24 * 2 ** 30) == "factored"
+def test_choose_adjacency(caplog):
+  assert graph.choose_adjacency(1000, 512, memory_bytes=10 ** 9) == "dense"
+  assert graph.choose_adjacency(1000, 128, memory_bytes=10 ** 9) == "factored"
+  assert not caplog.records
+  with caplog.at_level("WARNING", logger="jax_seqgcn.graph"):
+    assert graph.choose_adjacency(40_000, 30_000, memory_bytes=24 * 2 ** 30) == "factored"
+  assert "dense N=40000 needs" in caplog.text
 
 
 @pytest.mark.parametrize("bad, message", [
