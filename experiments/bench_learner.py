@@ -1,0 +1,97 @@
+"""Learner training throughput (images/s) with `jax_seqgcn.train.fit`; prints JSON.
+
+Cases (SPEC §8 gives the scale: on our 2-core CPU, ResNet-18 trains at ~25 images/s in
+Flax and ~40 in PyTorch):
+  * resnet18, batch 128, 32x32x3 (CIFAR preprocessing, augmentation on);
+  * small_cnn, batch 64 and 128, 28x28x1 (Fashion-MNIST preprocessing).
+
+Each case runs `fit` for 1 + E epochs over N random uint8 images; the first epoch includes
+compilation and is excluded. Epoch times come from the `progress` callback, which fetches
+the epoch metrics and so waits for the device. Default runtime on 2 CPU cores: ~2-3 min.
+
+  python experiments/bench_learner.py [--cases resnet18:128,small_cnn:64,small_cnn:128]
+      [--epochs 2] [--resnet_examples 256] [--small_examples 4096]
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from jax_seqgcn import models
+from jax_seqgcn import train
+
+CASES = {
+    "resnet18": dict(shape=(32, 32, 3), preprocessing="cifar10"),
+    "small_cnn": dict(shape=(28, 28, 1), preprocessing="fashion_mnist"),
+}
+
+
+def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, seed: int = 0) -> dict:
+  """Trains `name` for 1 + `epochs` epochs on random data; returns timings of the last ones."""
+  shape = CASES[name]["shape"]
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (num_examples,) + shape, dtype=np.uint8)
+  labels = rng.integers(0, 10, num_examples).astype(np.int32)
+  model = models.get_learner(name, num_classes=10, channels=shape[-1])
+  stamps = []
+  start = time.perf_counter()
+  train.fit(jax.random.key(seed), model, images, labels, epochs=1 + epochs,
+            batch_size=batch_size, preprocessing=CASES[name]["preprocessing"], milestones=(),
+            progress=lambda epoch, total, metrics: stamps.append(time.perf_counter()))
+  epoch_seconds = np.diff(stamps)
+  steps = -(-num_examples // batch_size)
+  return {
+      "learner": name,
+      "batch_size": batch_size,
+      "image_shape": list(shape),
+      "examples_per_epoch": num_examples,
+      "steps_per_epoch": steps,
+      "timed_epochs": int(epochs),
+      "first_epoch_with_compile_s": round(stamps[0] - start, 2),
+      "epoch_s": [round(float(s), 3) for s in epoch_seconds],
+      "images_per_s": round(num_examples * len(epoch_seconds) / float(np.sum(epoch_seconds)), 1),
+      "ms_per_step": round(1e3 * float(np.sum(epoch_seconds)) / (steps * len(epoch_seconds)), 1),
+  }
+
+
+def device_info() -> dict:
+  """Backend, devices and versions of this run."""
+  return {
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "device_count": jax.device_count(),
+      "process_count": jax.process_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default="resnet18:128,small_cnn:64,small_cnn:128",
+                      help="comma-separated learner:batch_size")
+  parser.add_argument("--epochs", type=int, default=2, help="timed epochs per case")
+  parser.add_argument("--resnet_examples", type=int, default=256)
+  parser.add_argument("--small_examples", type=int, default=4096)
+  args = parser.parse_args()
+  results = []
+  for case in args.cases.split(","):
+    name, batch = case.split(":")
+    if name not in CASES:
+      raise SystemExit(f"unknown learner {name!r}; choose from {sorted(CASES)}")
+    examples = args.resnet_examples if name == "resnet18" else args.small_examples
+    results.append(bench(name, int(batch), num_examples=examples, epochs=args.epochs))
+  print(json.dumps({"device": device_info(), "train": results}, indent=2))
+
+
+if __name__ == "__main__":
+  main()
