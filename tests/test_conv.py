@@ -30,6 +30,11 @@ def test_auto_is_im2col_on_cpu_and_env_overrides(monkeypatch):
   monkeypatch.setenv(conv.ENV_VAR, "xla")
   assert conv.resolve_impl("auto") == "xla"
   assert conv.resolve_impl("im2col") == "im2col"
+  monkeypatch.delenv(conv.ENV_VAR)
+  with conv.impl_scope("xla"):
+    assert conv.resolve_impl("auto") == "xla"
+    assert conv.resolve_impl("im2col") == "im2col"
+  assert conv.resolve_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
   with pytest.raises(ValueError, match="conv impl"):
     conv.resolve_impl("fft")
 
