@@ -10,14 +10,29 @@ Public API (shapes in each docstring):
 * Learners (`models`): `get_learner(name, ...)`, `LEARNERS`, `ResNet18`, `VGG11`, `DeepPrior`,
   `SmallCNN`.
 * Data (`data`): `load_dataset`, `load_tfds`, `load_fashion_mnist_idx`, `load_npz`, `Dataset`.
+* Training (`train`, `augment`, `parallel`): `fit`, `evaluate`, `extract_embeddings`,
+  `predict`, `TrainState`, `preprocess`, `preprocessing_for`, `make_mesh`,
+  `initialize_distributed`.
+* Scale (`kcenter_sharded`): `k_center_greedy_sharded` over a device mesh.
+* Experiments (`loop`, `results`): `run(config, workdir)`, results tables and curves.
 """
 
+from jax_seqgcn import augment
 from jax_seqgcn import checks
 from jax_seqgcn import data
 from jax_seqgcn import graph
 from jax_seqgcn import kcenter
+from jax_seqgcn import kcenter_sharded
+from jax_seqgcn import loop
 from jax_seqgcn import models
+from jax_seqgcn import parallel
+from jax_seqgcn import results
 from jax_seqgcn import samplers
+from jax_seqgcn import train
+from jax_seqgcn.augment import PREPROCESSING
+from jax_seqgcn.augment import PreprocessSpec
+from jax_seqgcn.augment import preprocess
+from jax_seqgcn.augment import preprocessing_for
 from jax_seqgcn.data import DATASETS
 from jax_seqgcn.data import Dataset
 from jax_seqgcn.data import DatasetNotFoundError
@@ -38,6 +53,8 @@ from jax_seqgcn.graph import params_from_torch
 from jax_seqgcn.graph import propagate
 from jax_seqgcn.graph import train_gcn
 from jax_seqgcn.kcenter import k_center_greedy
+from jax_seqgcn.kcenter_sharded import k_center_greedy_sharded
+from jax_seqgcn.loop import run
 from jax_seqgcn.models import LEARNERS
 from jax_seqgcn.models import DeepPrior
 from jax_seqgcn.models import ResNet18
@@ -47,6 +64,15 @@ from jax_seqgcn.models import get_learner
 from jax_seqgcn.samplers import SAMPLERS
 from jax_seqgcn.samplers import core_gcn_select
 from jax_seqgcn.samplers import get_sampler
+from jax_seqgcn.parallel import initialize_distributed
+from jax_seqgcn.parallel import is_main_process
+from jax_seqgcn.parallel import make_mesh
 from jax_seqgcn.samplers import uncertain_gcn_select
+from jax_seqgcn.train import TrainState
+from jax_seqgcn.train import evaluate
+from jax_seqgcn.train import extract_embeddings
+from jax_seqgcn.train import fit
+from jax_seqgcn.train import predict
+from jax_seqgcn.train import text_progress
 
 __version__ = "0.1.0"
