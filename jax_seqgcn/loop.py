@@ -84,8 +84,11 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
 def _check_workdir_config(workdir: pathlib.Path, config) -> None:
   path = workdir / CONFIG_FILE
   resolved = _config_dict(config)
-  if path.exists():
-    saved = json.loads(path.read_text())
+  saved = json.loads(path.read_text()) if path.exists() else None
+  # Multi-process: every process has looked before the main one creates the file, so none reads
+  # it half written, and all of them take the same branch below.
+  parallel.sync_processes("loop: config.json checked")
+  if saved is not None:
     if saved != resolved:
       diff = sorted(k for k in set(_flatten(saved)) | set(_flatten(resolved))
                     if _flatten(saved).get(k) != _flatten(resolved).get(k))
@@ -154,7 +157,8 @@ class _Run:
     if self.config.al.upper_bound:
       return np.arange(pool)
     perm = jax.random.permutation(jax.random.fold_in(self.cycle_key(trial, -1), 0), pool)
-    return np.asarray(perm[:self.config.al.initial])
+    # int64 like a restored checkpoint's, so resumed and uninterrupted runs save identical files.
+    return np.asarray(perm[:self.config.al.initial], np.int64)
 
   def train_and_test(self, key, labelled, prefix):
     every = max(1, self.config.train.epochs // 5)

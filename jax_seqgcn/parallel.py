@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -52,6 +53,16 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
 def is_main_process() -> bool:
   """True in process 0 (the one that should log, write results and checkpoints' metadata)."""
   return jax.process_index() == 0
+
+
+def sync_processes(name: str) -> None:
+  """Barrier: returns once every process has reached `sync_processes(name)` (no-op in 1 process).
+
+  Args:
+    name: the same string in every process (a mismatch is an error, not a silent desync).
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
