@@ -90,8 +90,9 @@ def _check_workdir_config(workdir: pathlib.Path, config) -> None:
   parallel.sync_processes("loop: config.json checked")
   if saved is not None:
     if saved != resolved:
-      diff = sorted(k for k in set(_flatten(saved)) | set(_flatten(resolved))
-                    if _flatten(saved).get(k) != _flatten(resolved).get(k))
+      saved_flat, resolved_flat = _flatten(saved), _flatten(resolved)
+      diff = sorted(k for k in saved_flat.keys() | resolved_flat.keys()
+                    if saved_flat.get(k) != resolved_flat.get(k))
       raise ConfigError(
           f"{workdir} holds a run with a different config (differs in: {', '.join(diff)}). "
           "Use a new --workdir, or the same config to resume.")
