@@ -40,8 +40,26 @@ class FactoredAdjacency(NamedTuple):
   column_sums: jax.Array
 
 
-Adjacency = Union[jax.Array, FactoredAdjacency]
-ADJACENCY_MODES = ("auto", "dense", "factored")
+class IdentityAdjacency(NamedTuple):
+  """A = I: each node sees only itself, so the GCN is an MLP (the paper's "Eye" ablation)."""
+
+
+class OnesAdjacency(NamedTuple):
+  """The similarity S replaced by all ones, through the same normalisation (the "Ones" ablation).
+
+  A = (1 1^T - I) / (N - 1) + I: every node adds the mean of all other nodes to itself.
+  Applied matrix-free: A x = (sum(x) - x) / (N - 1) + x.
+  """
+
+
+Adjacency = Union[jax.Array, FactoredAdjacency, IdentityAdjacency, OnesAdjacency]
+# "identity" and "ones" are ablations: they ignore the features' similarity.
+ADJACENCY_MODES = ("auto", "dense", "factored", "identity", "ones")
+ARCHITECTURES = ("gcn", "mlp")
+# The sampler GCN's options and their defaults (the reference's, see `train_gcn`); the GCN
+# samplers, their registry entries and configs/default.py all read them from here.
+GCN_DEFAULTS = dict(hidden=128, dropout_rate=0.3, num_layers=2, lambda_=1.2, steps=200,
+                    learning_rate=1e-3, weight_decay=5e-4, adjacency="auto")
 # Dense training holds about this many N x N arrays at once (similarity, adjacency, temporaries).
 _DENSE_COPIES = 3
 
@@ -152,6 +170,10 @@ def propagate(adjacency: Adjacency, x: jax.Array) -> jax.Array:
   Returns:
     [N, k] array A @ x. The factored form computes V (V^T (x / d)) - x / d + x.
   """
+  if isinstance(adjacency, IdentityAdjacency):
+    return x
+  if isinstance(adjacency, OnesAdjacency):
+    return (jnp.sum(x, axis=0, keepdims=True) - x) / (x.shape[0] - 1) + x
   if isinstance(adjacency, FactoredAdjacency):
     scaled = x / adjacency.column_sums[:, None]
     unit = adjacency.unit_features
@@ -160,6 +182,10 @@ def propagate(adjacency: Adjacency, x: jax.Array) -> jax.Array:
 
 
 def _build_adjacency(unit_features: jax.Array, mode: str) -> Adjacency:
+  if mode == "identity":
+    return IdentityAdjacency()
+  if mode == "ones":
+    return OnesAdjacency()
   if mode == "dense":
     return _dense_adjacency(unit_features)
   return FactoredAdjacency(unit_features, _column_sums(unit_features))
@@ -205,9 +231,9 @@ class GCN(nn.Module):
     num_layers: 1, 2 (default) or 3 graph convolutions (SPEC §5 ablation).
     param_dtype: dtype of the weights.
   """
-  hidden: int = 128
-  dropout_rate: float = 0.3
-  num_layers: int = 2
+  hidden: int = GCN_DEFAULTS["hidden"]
+  dropout_rate: float = GCN_DEFAULTS["dropout_rate"]
+  num_layers: int = GCN_DEFAULTS["num_layers"]
   param_dtype: Any = jnp.float32
 
   @nn.compact
@@ -235,6 +261,55 @@ class GCN(nn.Module):
     logit = GraphConv(1, self.param_dtype, name=names[-1])(
         h, adjacency, propagated_features if len(names) == 1 else None)
     return nn.sigmoid(logit[:, 0]), jnp.concatenate([h, logit], axis=-1)
+
+
+def _uniform_fan_in(key, shape, dtype):
+  # torch nn.Linear's default: U(+-1/sqrt(fan_in)) for the kernel [in, out]; biases use the
+  # same bound, passed through the kernel's fan-in below.
+  bound = 1.0 / np.sqrt(shape[0])
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class MLPDiscriminator(nn.Module):
+  """UncertainDiscriminator's network: `GCN` with every graph convolution replaced by a dense
+  layer `X W + b` (no graph), initialised as torch `nn.Linear`.
+
+  Same layer names, widths, ReLU/dropout and outputs as `GCN`, so on equal parameters it equals
+  `GCN` applied with `IdentityAdjacency` (tested).
+
+  Attributes: as `GCN`.
+  """
+  hidden: int = GCN_DEFAULTS["hidden"]
+  dropout_rate: float = GCN_DEFAULTS["dropout_rate"]
+  num_layers: int = GCN_DEFAULTS["num_layers"]
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, adjacency=None, *, train: bool, propagated_features=None):
+    """Scores every node from its own features alone.
+
+    Args:
+      features: [N, dim]; `adjacency` and `propagated_features` are accepted and ignored.
+      train: enables dropout (needs the 'dropout' rng).
+    Returns:
+      (scores [N], embedding [N, width + 1]) as `GCN`.
+    """
+    del adjacency, propagated_features
+    if self.num_layers not in (1, 2, 3):
+      raise ValueError(f"num_layers must be 1, 2 or 3, got {self.num_layers}")
+    names = {1: ["gc3"], 2: ["gc1", "gc3"], 3: ["gc1", "gc2", "gc3"]}[self.num_layers]
+    h = features
+    for name in names:
+      fan_in = h.shape[-1]
+      bias_init = lambda key, shape, dtype, fan_in=fan_in: jax.random.uniform(
+          key, shape, dtype, -1.0 / np.sqrt(fan_in), 1.0 / np.sqrt(fan_in))
+      width = 1 if name == "gc3" else self.hidden
+      out = nn.Dense(width, kernel_init=_uniform_fan_in, bias_init=bias_init,
+                     param_dtype=self.param_dtype, name=name)(h)
+      if name == "gc3":
+        return nn.sigmoid(out[:, 0]), jnp.concatenate([h, out], axis=-1)
+      h = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(out))
+    raise AssertionError("unreachable")
 
 
 def _masked_mean(values, mask):
@@ -288,11 +363,15 @@ def adam_coupled(learning_rate, weight_decay) -> optax.GradientTransformation:
 
 
 def _train(key, unit_features, labelled_mask, params, lambda_, learning_rate, weight_decay, *,
-           hidden, dropout_rate, num_layers, steps, adjacency_mode):
-  adjacency = _build_adjacency(unit_features, adjacency_mode)
-  model = GCN(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
-  # A and V are fixed over all steps, so the first layer's A V is computed once.
-  av = propagate(adjacency, unit_features) if num_layers > 1 else None
+           hidden, dropout_rate, num_layers, steps, adjacency_mode, architecture="gcn"):
+  if architecture == "mlp":
+    adjacency, av = IdentityAdjacency(), None
+    model = MLPDiscriminator(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
+  else:
+    adjacency = _build_adjacency(unit_features, adjacency_mode)
+    model = GCN(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
+    # A and V are fixed over all steps, so the first layer's A V is computed once.
+    av = propagate(adjacency, unit_features) if num_layers > 1 else None
   init_key, dropout_key = jax.random.split(key)
   if params is None:
     params = model.init(init_key, unit_features, adjacency, train=False,
@@ -318,19 +397,61 @@ def _train(key, unit_features, labelled_mask, params, lambda_, learning_rate, we
 
 
 _train_jit = jax.jit(_train, static_argnames=("hidden", "dropout_rate", "num_layers", "steps",
-                                               "adjacency_mode"))
+                                               "adjacency_mode", "architecture"))
+
+
+def check_gcn_options(*, hidden, dropout_rate, num_layers, lambda_, steps, learning_rate,
+                      weight_decay, adjacency, architecture="gcn") -> None:
+  """Raises ValueError (every problem in one message) for GCN options that cannot train.
+
+  Called by `train_gcn` and, before any learner training, by the experiment loop.
+  """
+  problems = []
+  if adjacency not in ADJACENCY_MODES:
+    problems.append(f"adjacency must be one of {ADJACENCY_MODES}, got {adjacency!r}")
+  if architecture not in ARCHITECTURES:
+    problems.append(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+  if not _is_int(hidden) or hidden < 1:
+    problems.append(f"hidden must be an int >= 1, got {hidden!r}")
+  if not _is_int(num_layers) or num_layers not in (1, 2, 3):
+    problems.append(f"num_layers must be 1, 2 or 3, got {num_layers!r}")
+  if not _is_int(steps) or steps < 0:
+    problems.append(f"steps must be an int >= 0, got {steps!r}")
+  if not _is_real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
+    problems.append(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+  for name, value in (("learning_rate", learning_rate), ("lambda_", lambda_)):
+    if not _is_real(value) or not 0.0 < value < np.inf:
+      problems.append(f"{name} must be a finite number > 0, got {value!r}")
+  if not _is_real(weight_decay) or not 0.0 <= weight_decay < np.inf:
+    problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+  if problems:
+    raise ValueError("bad GCN option(s): " + "; ".join(problems))
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
-              hidden: int = 128, dropout_rate: float = 0.3, lambda_: float = 1.2,
-              steps: int = 200, learning_rate: float = 1e-3, weight_decay: float = 5e-4,
-              num_layers: int = 2, params: Params = None,
-              adjacency: str = "auto") -> GCNResult:
-  """Trains the GCN to tell labelled from unlabelled nodes (SPEC §3), full graph, Adam.
+              hidden: int = GCN_DEFAULTS["hidden"],
+              dropout_rate: float = GCN_DEFAULTS["dropout_rate"],
+              lambda_: float = GCN_DEFAULTS["lambda_"],
+              steps: int = GCN_DEFAULTS["steps"],
+              learning_rate: float = GCN_DEFAULTS["learning_rate"],
+              weight_decay: float = GCN_DEFAULTS["weight_decay"],
+              num_layers: int = GCN_DEFAULTS["num_layers"], params: Params = None,
+              adjacency: str = GCN_DEFAULTS["adjacency"],
+              architecture: str = "gcn") -> GCNResult:
+  """Trains the GCN to tell labelled from unlabelled nodes (paper Eq. 6), full graph, Adam.
 
   Node features are L2-normalised here (as the reference does before `aff_to_adj`). All `steps`
   Adam steps (lr, coupled L2 decay as torch `Adam(weight_decay=...)`) run in one compiled
   `lax.scan`; one compile per (shape, static option) combination. Dropout draws from `key`.
+  Defaults are the reference's (`GCN_DEFAULTS`; hidden 128 where the paper's text says 512).
 
   Args:
     key: PRNG key for initialisation and dropout.
@@ -342,30 +463,41 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
     learning_rate, weight_decay: Adam settings.
     params: optional initial parameters (e.g. `params_from_torch(np.load('gcn_init.npz'))`).
     adjacency: "dense" (N x N matrix, as the reference), "factored" (never forms it; the same
-      operator up to float rounding) or "auto" (the cheaper that fits, see `choose_adjacency`).
+      operator up to float rounding), "auto" (the cheaper that fits, see `choose_adjacency`), or
+      the ablations "identity" (A = I) and "ones" (`OnesAdjacency`, matrix-free).
+    architecture: "gcn", or "mlp" for `MLPDiscriminator` (UncertainDiscriminator; no graph).
   Returns:
     `GCNResult(params, scores [N], embedding [N, hidden + 1], losses [steps])`; scores and
     embedding come from an eval-mode (no dropout) pass after training.
   Raises:
     ValueError: bad features (non-finite, degenerate column sums), a mask of the wrong length or
       without both labelled and unlabelled nodes, a bad option.
+    FloatingPointError: training diverged (non-finite scores or embedding).
   """
+  check_gcn_options(hidden=hidden, dropout_rate=dropout_rate, num_layers=num_layers,
+                    lambda_=lambda_, steps=steps, learning_rate=learning_rate,
+                    weight_decay=weight_decay, adjacency=adjacency, architecture=architecture)
   features = checks.features(features)
   labelled_mask = checks.mask(labelled_mask, features.shape[0], need_both=True)
-  if adjacency not in ADJACENCY_MODES:
-    raise ValueError(f"adjacency must be one of {ADJACENCY_MODES}, got {adjacency!r}")
-  if steps < 0 or hidden < 1 or not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"need steps >= 0, hidden >= 1 and 0 <= dropout_rate < 1; got {steps}, "
-                     f"{hidden}, {dropout_rate}")
   unit = l2_normalize(features)
-  checks.column_sums(_column_sums(unit))
+  uses_similarity = architecture == "gcn" and adjacency in ("auto", "dense", "factored")
+  if uses_similarity:
+    checks.column_sums(_column_sums(unit))
   if adjacency == "auto":
     adjacency = choose_adjacency(unit.shape[0], unit.shape[1], unit.dtype)
   if params is not None:
     params = jax.tree.map(lambda p: jnp.asarray(p, unit.dtype), params)
-  return _train_jit(key, unit, labelled_mask, params, lambda_, learning_rate, weight_decay,
-                    hidden=hidden, dropout_rate=float(dropout_rate), num_layers=num_layers,
-                    steps=int(steps), adjacency_mode=adjacency)
+  result = _train_jit(key, unit, labelled_mask, params, lambda_, learning_rate, weight_decay,
+                      hidden=int(hidden), dropout_rate=float(dropout_rate),
+                      num_layers=int(num_layers), steps=int(steps), adjacency_mode=adjacency,
+                      architecture=architecture)
+  if not (np.isfinite(np.asarray(result.scores)).all()
+          and np.isfinite(np.asarray(result.embedding)).all()):
+    raise FloatingPointError(
+        f"the sampler's {architecture.upper()} diverged: non-finite scores or embedding after "
+        f"{steps} steps at learning_rate {learning_rate} (the features themselves are finite); "
+        "try a smaller sampler learning_rate")
+  return result
 
 
 def params_from_torch(state_dict) -> Params:

@@ -512,6 +512,24 @@ def extract_embeddings(state: TrainState, model, images, indices=None, *,
                   preprocessing=preprocessing, mesh=mesh)[1]
 
 
+def forward_pool(state: TrainState, model, images, indices=None, *, task: str = "classification",
+                 batch_size: int = 256, preprocessing=None, mesh=None) -> dict:
+  """What the samplers can read about some images, from one eval-mode pass.
+
+  Args: as `predict`; `task` decides whether class probabilities exist.
+  Returns:
+    dict of NumPy arrays, row i for `images[indices[i]]`: "embedding" [M, D] float32, and for
+    classification "probabilities" [M, C] float32 (softmax of the logits).
+  """
+  _check_task(task)
+  outputs, embedding = _forward(state, model, images, indices, batch_size=batch_size,
+                                preprocessing=preprocessing, mesh=mesh)
+  result = {"embedding": embedding}
+  if task == "classification":
+    result["probabilities"] = np.asarray(jax.nn.softmax(outputs.astype(np.float32), axis=-1))
+  return result
+
+
 def evaluate(state: TrainState, model, images, targets, *, task: str = "classification",
              batch_size: int = 256, preprocessing=None, mesh=None) -> float:
   """Test metric in eval mode, no augmentation.

@@ -149,7 +149,7 @@ def test_dropout_uses_key_and_eval_is_deterministic():
 def test_train_gcn_traces_once_per_shape(monkeypatch):
   counted = jax.jit(chex.assert_max_traces(graph._train, n=1),  # pylint: disable=protected-access
                     static_argnames=("hidden", "dropout_rate", "num_layers", "steps",
-                                     "adjacency_mode"))
+                                     "adjacency_mode", "architecture"))
   monkeypatch.setattr(graph, "_train_jit", counted)
   rng = np.random.default_rng(0)
   mask = np.arange(30) >= 20

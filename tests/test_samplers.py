@@ -7,6 +7,24 @@ import pytest
 from jax_seqgcn import samplers
 
 FAST_GCN = dict(steps=10, hidden=16)
+# Small settings for every sampler's options (each sampler gets those it declares).
+FAST_OPTIONS = dict(FAST_GCN)
+
+
+def fast_options(name):
+  return {k: v for k, v in FAST_OPTIONS.items() if k in samplers.get_sampler(name).options}
+
+
+def full_pool(features, mask, seed=0, num_classes=4, image_shape=(8, 8, 1)):
+  """A Pool with every field, consistent with `features` (for samplers that need more)."""
+  rng = np.random.default_rng(seed)
+  n = features.shape[0]
+  logits = rng.normal(size=(n, num_classes))
+  probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  return samplers.Pool(mask, features=features,
+                       images=rng.uniform(size=(n,) + image_shape).astype(np.float32),
+                       predicted_losses=rng.normal(size=n).astype(np.float32),
+                       probabilities=probabilities.astype(np.float32))
 
 
 def test_selection_rules_reproduce_reference(ref):
@@ -30,12 +48,27 @@ def _problem(n=120, n_labelled=30, d=12, seed=0):
 def test_budget_distinct_unlabelled_and_deterministic(name):
   x, mask = _problem()
   sampler = samplers.get_sampler(name)
-  picks = np.asarray(sampler(jax.random.key(0), x, mask, 25, **FAST_GCN))
+  pool = full_pool(x, mask)
+  picks = np.asarray(sampler(jax.random.key(0), pool, 25, **fast_options(name)))
   assert picks.shape == (25,) and picks.dtype == np.int32
   assert len(set(picks.tolist())) == 25
   assert not mask[picks].any()
-  again = sampler(jax.random.key(0), x, mask, 25, **FAST_GCN)
+  again = sampler(jax.random.key(0), pool, 25, **fast_options(name))
   np.testing.assert_array_equal(picks, again)
+
+
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_each_sampler_declares_what_it_reads(name):
+  sampler = samplers.get_sampler(name)
+  x, mask = _problem()
+  pool = full_pool(x, mask)
+  for field in sampler.needs:
+    with pytest.raises(ValueError, match=f"needs pool.{field}"):
+      sampler(jax.random.key(0), pool._replace(**{field: None}), 5, **fast_options(name))
+  # Fields it does not declare are not needed.
+  missing = {f: None for f in samplers.POOL_FIELDS if f not in sampler.needs}
+  picks = sampler(jax.random.key(0), pool._replace(**missing), 5, **fast_options(name))
+  assert len(set(np.asarray(picks).tolist())) == 5
 
 
 def test_random_is_uniform_without_replacement():
@@ -71,10 +104,11 @@ def test_core_gcn_equals_k_center_on_trained_embedding():
       samplers.uncertain_gcn_select(result.scores, mask, 10))
 
 
-@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
-@pytest.mark.parametrize("case, message", [
-    ("nan", "NaN"), ("budget", "larger than"), ("empty", "empty"), ("mask", "shape"),
-])
+@pytest.mark.parametrize("name, case, message", [
+    (name, case, message) for name in samplers.SAMPLERS
+    for case, message in [("nan", "NaN"), ("budget", "larger than"), ("empty", "empty"),
+                          ("mask", "shape")]
+    if case != "nan" or "features" in samplers.SAMPLERS[name].needs])
 def test_bad_input_raises(name, case, message):
   x, mask = _problem(n=20, n_labelled=5)
   budget = 3
@@ -86,8 +120,9 @@ def test_bad_input_raises(name, case, message):
     mask[:] = True
   elif case == "mask":
     mask = mask[:-2]
+  sampler = samplers.get_sampler(name)
   with pytest.raises(ValueError, match=message):
-    samplers.get_sampler(name)(jax.random.key(0), x, mask, budget, **FAST_GCN)
+    sampler(jax.random.key(0), full_pool(x, mask), budget, **fast_options(name))
 
 
 def test_gcn_samplers_reject_degenerate_features_and_unknown_options():
@@ -96,7 +131,65 @@ def test_gcn_samplers_reject_degenerate_features_and_unknown_options():
   with pytest.raises(ValueError, match="column sum"):
     samplers.uncertain_gcn(jax.random.key(0), x, mask, 3, **FAST_GCN)
   x, mask = _problem(n=20, n_labelled=5)
-  with pytest.raises(ValueError, match="unknown GCN sampler option"):
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['hiden'\] for sampler 'CoreGCN'"):
     samplers.core_gcn(jax.random.key(0), x, mask, 3, hiden=3)
   with pytest.raises(ValueError, match="valid names: Random, CoreSet, UncertainGCN, CoreGCN"):
     samplers.get_sampler("Uncertain")
+  with pytest.raises(TypeError, match="takes a samplers.Pool"):
+    samplers.get_sampler("CoreGCN")(jax.random.key(0), x, 3)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(adjacency="eye"), "adjacency must be one of"),
+    (dict(num_layers=4), "num_layers must be 1, 2 or 3"),
+    (dict(hidden=0), "hidden must be an int >= 1"),
+    (dict(dropout_rate=1.0), "dropout_rate must be in"),
+    (dict(steps=-1), "steps must be an int >= 0"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0"),
+    (dict(s_margin=2.0), "s_margin must be a number in"),
+])
+def test_gcn_options_checked_before_training(options, message):
+  x, mask = _problem(n=20, n_labelled=5)
+  with pytest.raises(ValueError, match=message):
+    samplers.get_sampler("UncertainGCN").resolve_options(options)
+  with pytest.raises(ValueError, match=message):
+    samplers.uncertain_gcn(jax.random.key(0), x, mask, 3, **options)
+
+
+@pytest.mark.parametrize("case", ["budget", "all_labelled", "nan"])
+def test_uncertain_gcn_select_rejects_what_would_return_labelled_nodes(case):
+  scores = np.linspace(0.0, 1.0, 10).astype(np.float32)
+  mask = np.arange(10) >= 4
+  budget = 3
+  if case == "budget":
+    budget = 5
+  elif case == "all_labelled":
+    mask[:] = True
+  else:
+    scores[2] = np.nan
+  with pytest.raises(ValueError, match={"budget": "larger than", "all_labelled": "empty",
+                                        "nan": "GCN diverged"}[case]):
+    samplers.uncertain_gcn_select(scores, mask, budget)
+
+
+def test_diverged_gcn_is_named(monkeypatch):
+  from jax_seqgcn import graph  # pylint: disable=g-import-not-at-top
+  x, mask = _problem(n=20, n_labelled=5)
+  real = graph._train_jit  # pylint: disable=protected-access
+
+  def diverged(*args, **kwargs):
+    result = real(*args, **kwargs)
+    return result._replace(scores=result.scores * np.nan)
+
+  monkeypatch.setattr(graph, "_train_jit", diverged)
+  with pytest.raises(FloatingPointError, match="GCN diverged"):
+    samplers.core_gcn(jax.random.key(0), x, mask, 3, **FAST_GCN)
+
+
+@pytest.mark.parametrize("adjacency", ["identity", "ones"])
+def test_graph_ablations_pick_distinct_unlabelled(adjacency):
+  x, mask = _problem()
+  for name in ("UncertainGCN", "CoreGCN"):
+    picks = np.asarray(samplers.get_sampler(name)(
+        jax.random.key(0), samplers.Pool(mask, features=x), 20, adjacency=adjacency, **FAST_GCN))
+    assert len(set(picks.tolist())) == 20 and not mask[picks].any()

@@ -1,0 +1,29 @@
+"""Active learning samplers: one signature, one registry (`SAMPLERS`, `get_sampler`).
+
+`get_sampler(name)(key, Pool(labelled_mask, features=...), budget, **options)` returns `budget`
+distinct unlabelled node indices; see `base` for the `Pool` fields and how each sampler declares
+what it needs. One module per family:
+
+* `basic`: Random, CoreSet.
+* `gcn`: UncertainGCN, CoreGCN, UncertainDiscriminator (and the GCN ablations as options).
+
+The functions `random`, `coreset`, `uncertain_gcn`, `core_gcn`, `uncertain_discriminator` take a
+features array directly: `(key, features, labelled_mask, budget, **options)`.
+"""
+
+from jax_seqgcn.samplers import base
+from jax_seqgcn.samplers import basic
+from jax_seqgcn.samplers import gcn
+from jax_seqgcn.samplers.base import POOL_FIELDS
+from jax_seqgcn.samplers.base import SAMPLERS
+from jax_seqgcn.samplers.base import Pool
+from jax_seqgcn.samplers.base import Sampler
+from jax_seqgcn.samplers.base import all_options
+from jax_seqgcn.samplers.base import get_sampler
+from jax_seqgcn.samplers.basic import coreset
+from jax_seqgcn.samplers.basic import random
+from jax_seqgcn.samplers.gcn import core_gcn
+from jax_seqgcn.samplers.gcn import core_gcn_select
+from jax_seqgcn.samplers.gcn import uncertain_discriminator
+from jax_seqgcn.samplers.gcn import uncertain_gcn
+from jax_seqgcn.samplers.gcn import uncertain_gcn_select
