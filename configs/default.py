@@ -5,6 +5,8 @@ Override on the command line, e.g. `--config.sampler.name=CoreGCN --config.al.tr
 
 import ml_collections
 
+from jax_seqgcn import samplers
+
 
 def get_config():
   """Returns the default ConfigDict; every field is documented inline."""
@@ -41,15 +43,11 @@ def get_config():
   config.al.whole_pool = False  # sample from the whole unlabelled pool instead of a subset
   config.al.upper_bound = False  # train once on the whole training split
 
-  config.sampler = ml_collections.ConfigDict()  # SPEC §3; options unused by a sampler ignored
-  config.sampler.name = "UncertainGCN"  # Random | CoreSet | UncertainGCN | CoreGCN
-  config.sampler.hidden = 128
-  config.sampler.dropout_rate = 0.3
-  config.sampler.num_layers = 2
-  config.sampler.lambda_ = 1.2
-  config.sampler.s_margin = 0.1
-  config.sampler.steps = 200
-  config.sampler.learning_rate = 1e-3
-  config.sampler.weight_decay = 5e-4
-  config.sampler.adjacency = "auto"  # auto | dense | factored
+  # The sampler and the options of every registered sampler, defaults from the registry
+  # (jax_seqgcn/samplers: each sampler declares its options). A sampler reads only its own.
+  config.sampler = ml_collections.ConfigDict(samplers.all_options())
+  config.sampler.name = "UncertainGCN"  # see jax_seqgcn.samplers.SAMPLERS for the names
+  # GCN samplers (UncertainGCN, CoreGCN, UncertainDiscriminator): hidden, dropout_rate,
+  # num_layers (1/2/3), lambda_, s_margin, steps, learning_rate, weight_decay, adjacency
+  # (auto | dense | factored | identity | ones; the last two are the Eye/Ones ablations).
   return config

@@ -31,13 +31,15 @@ def main(argv):
   del argv
   # tfds must not grab accelerator memory (STYLE.md); TF is only imported if tfds is used.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from jax_seqgcn import loop, parallel  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn import data, loop, parallel, workdir  # pylint: disable=g-import-not-at-top
   if FLAGS.coordinator:
     parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  expected = (loop.ConfigError, loop.RunError, workdir.WorkdirError, data.DatasetNotFoundError,
+              OSError)
   try:
     loop.run(FLAGS.config, FLAGS.workdir)
-  except loop.ConfigError as e:
+  except expected as e:  # one line (with the path where there is one), no traceback
     sys.exit(f"error: {e}")
 
 

@@ -16,10 +16,12 @@ images are used as they are (so npz data already in [0, 1] or normalised depth c
 through unchanged) unless `scale` is given explicitly.
 """
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -200,3 +202,29 @@ def as_spec(preprocessing) -> PreprocessSpec:
   raise TypeError(f"preprocessing must be a PreprocessSpec, a dataset name or None, "
                   f"got {type(preprocessing).__name__}.")
 
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _eval_preprocess(images, spec):
+  return apply_spec(None, images, spec, train=False)
+
+
+def preprocess_all(images, indices, preprocessing=None, *, batch_size: int = 1024) -> np.ndarray:
+  """Eval-mode preprocessing (no augmentation) of `images[indices]`, on the host.
+
+  Args:
+    images: [N, H, W, C] raw images (host array).
+    indices: [M] ints into `images`.
+    preprocessing: `PreprocessSpec`, dataset name or None (see `as_spec`).
+    batch_size: rows per jitted call (fixed shape: one compile).
+  Returns:
+    [M, H, W, C] float32 NumPy array.
+  """
+  spec = as_spec(preprocessing)
+  indices = np.asarray(indices, np.int64).reshape(-1)
+  out = np.empty((indices.size,) + tuple(images.shape[1:]), np.float32)
+  for start in range(0, indices.size, batch_size):
+    chunk = indices[start:start + batch_size]
+    padded = np.concatenate([chunk, np.full(batch_size - chunk.size, chunk[0])])
+    out[start:start + chunk.size] = np.asarray(_eval_preprocess(images[padded], spec))[:chunk.size]
+  return out

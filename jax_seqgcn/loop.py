@@ -8,21 +8,29 @@ Keys: one `config.seed`; trial t uses `fold_in(key(seed), t)`, its cycle c `fold
 (split into training, subset and sampler keys), so any cycle can be recomputed from the labelled
 set alone and a resumed run equals an uninterrupted one.
 
-Workdir: `config.json` (the resolved config), `results.jsonl` (one line per trial x cycle),
+What is computed for the sampler is what it declares it needs (`samplers.Sampler.needs`): one
+eval pass gives the embeddings and class probabilities (and predicted losses when the learner was
+trained with a loss-prediction module, which the LearningLoss sampler asks for); VAAL gets the
+preprocessed images; Random gets nothing and costs no pass.
+
+Workdir (see `jax_seqgcn.workdir`): locked for the run; `config.json` (the resolved config, also
+stored in every checkpoint), `results.jsonl` (one line per trial x cycle),
 `labelled/trial{t}_cycle{c}.npy` (indices trained on), `summary.md`, `curve.png`, and
 `checkpoints/` (orbax; the source of truth the other files are rewritten from on resume).
+
+Every config field is checked before the data is loaded, and the data-dependent ones (pool size,
+targets, image size) right after, before the workdir is written to.
 """
 
 import json
+import math
 import pathlib
-import sys
 import time
 from typing import List, Optional
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jax_seqgcn import augment
 from jax_seqgcn import data as data_lib
@@ -31,14 +39,21 @@ from jax_seqgcn import parallel
 from jax_seqgcn import results as results_lib
 from jax_seqgcn import samplers
 from jax_seqgcn import train
+from jax_seqgcn import workdir as workdir_lib
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = workdir_lib.CONFIG_FILE
 # config.sampler keys that are not sampler options.
 _SAMPLER_META = ("name",)
+# Pool fields computed by the learner's eval pass.
+_FORWARD_FIELDS = ("features", "probabilities", "predicted_losses")
 
 
 class ConfigError(ValueError):
   """A configuration that cannot run; raised before any training."""
+
+
+class RunError(RuntimeError):
+  """A run that cannot go on (diverged training, unreadable data); earlier cycles are kept."""
 
 
 def _config_dict(config) -> dict:
@@ -48,12 +63,16 @@ def _config_dict(config) -> dict:
 def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] = None) -> None:
   """Raises `ConfigError` (one message listing every problem) for a config that cannot run.
 
+  Checks every section (data, learner, train, al, sampler and the chosen sampler's options)
+  without loading anything, so a bad field costs no training.
+
   Args:
     config: experiment config (see configs/default.py).
     pool_size: size of the training split, to check that the cycles fit in the pool.
   """
   problems = []
-  if config.sampler.name not in samplers.SAMPLERS:
+  sampler = samplers.SAMPLERS.get(config.sampler.name)
+  if sampler is None:
     problems.append(f"unknown sampler {config.sampler.name!r}; valid: "
                     f"{', '.join(samplers.SAMPLERS)}")
   if config.data.name not in data_lib.DATASETS:
@@ -62,13 +81,26 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
   if config.learner.name not in models.LEARNERS:
     problems.append(f"unknown learner {config.learner.name!r}; valid: "
                     f"{', '.join(models.LEARNERS)}")
+  if config.learner.task not in train.TASKS:
+    problems.append(f"unknown learner.task {config.learner.task!r}; valid: "
+                    f"{', '.join(train.TASKS)}")
+  elif (sampler is not None and config.learner.task != "classification"
+        and "probabilities" in sampler.needs):
+    problems.append(f"sampler {sampler.name} needs class probabilities, which a "
+                    f"{config.learner.task} learner does not give")
   al = config.al
   for name in ("trials", "cycles", "initial", "budget", "subset"):
-    if not isinstance(al[name], int) or al[name] <= 0:
+    if not _is_int(al[name]) or al[name] <= 0:
       problems.append(f"al.{name} must be a positive int, got {al[name]!r}")
   for name in ("epochs", "batch_size", "eval_batch_size"):
-    if not isinstance(config.train[name], int) or config.train[name] <= 0:
+    if not _is_int(config.train[name]) or config.train[name] <= 0:
       problems.append(f"train.{name} must be a positive int, got {config.train[name]!r}")
+  problems += _train_problems(config.train)
+  if sampler is not None:
+    try:
+      sampler.resolve_options(sampler_options(config))
+    except ValueError as err:
+      problems.append(f"sampler {sampler.name}: {err}")
   if not problems and not al.whole_pool and not al.upper_bound and al.cycles > 1:
     if al.subset < al.budget:
       problems.append(f"al.subset ({al.subset}) is smaller than al.budget ({al.budget})")
@@ -81,57 +113,71 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
     raise ConfigError("bad config:\n  - " + "\n  - ".join(problems))
 
 
-def _check_workdir_config(workdir: pathlib.Path, config) -> None:
-  path = workdir / CONFIG_FILE
-  resolved = _config_dict(config)
-  saved = json.loads(path.read_text()) if path.exists() else None
-  # Multi-process: every process has looked before the main one creates the file, so none reads
-  # it half written, and all of them take the same branch below.
-  parallel.sync_processes("loop: config.json checked")
-  if saved is not None:
-    if saved != resolved:
-      saved_flat, resolved_flat = _flatten(saved), _flatten(resolved)
-      diff = sorted(k for k in saved_flat.keys() | resolved_flat.keys()
-                    if saved_flat.get(k) != resolved_flat.get(k))
-      raise ConfigError(
-          f"{workdir} holds a run with a different config (differs in: {', '.join(diff)}). "
-          "Use a new --workdir, or the same config to resume.")
-  elif parallel.is_main_process():
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(resolved, indent=1, sort_keys=True) + "\n")
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _train_problems(t) -> List[str]:
+  problems = []
+  if not _is_number(t.learning_rate) or t.learning_rate <= 0:
+    problems.append(f"train.learning_rate must be a finite number > 0, got {t.learning_rate!r}")
+  for name in ("momentum", "weight_decay", "gamma"):
+    if not _is_number(t[name]) or t[name] < 0:
+      problems.append(f"train.{name} must be a finite number >= 0, got {t[name]!r}")
+  milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else [t.milestones]
+  if not all(_is_int(m) and m >= 0 for m in milestones):
+    problems.append(f"train.milestones must be epochs (ints >= 0), got {t.milestones!r}")
+  return problems
+
+
+def _check_data(config, dataset) -> None:
+  """Data-dependent checks: pool size, targets matching the task, image size for the learner."""
+  validate_config(config, pool_size=len(dataset.train_images))
+  targets = np.asarray(dataset.train_targets)
+  task = config.learner.task
+  if task == "classification" and not (targets.ndim == 1
+                                       and np.issubdtype(targets.dtype, np.integer)):
+    raise ConfigError(f"learner.task is classification but {config.data.name}'s targets are "
+                      f"{targets.dtype} of shape {targets.shape} (need [N] int class labels)")
+  if task == "regression" and (targets.ndim != 2 or targets.shape[1] % 3):
+    raise ConfigError(f"learner.task is regression but {config.data.name}'s targets have shape "
+                      f"{targets.shape} (need [N, J*3] joint coordinates)")
+  check_input = getattr(models, "check_input_shape", None)
+  if check_input is not None:
+    try:
+      check_input(config.learner.name, dataset.train_images.shape[1:])
+    except ValueError as err:
+      raise ConfigError(str(err)) from err
 
 
 def sampler_options(config) -> dict:
-  """The `config.sampler` entries passed to the sampler (everything but its name)."""
-  return {k: v for k, v in config.sampler.items() if k not in _SAMPLER_META}
+  """The `config.sampler` entries the chosen sampler takes (the others belong to other samplers)."""
+  sampler = samplers.get_sampler(config.sampler.name)
+  return {k: v for k, v in config.sampler.items()
+          if k not in _SAMPLER_META and k in sampler.options}
 
 
 def _fit_kwargs(config) -> dict:
   t = config.train
+  milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else (t.milestones,)
   return dict(task=config.learner.task, epochs=t.epochs, batch_size=t.batch_size,
               learning_rate=t.learning_rate, momentum=t.momentum,
-              weight_decay=t.weight_decay, milestones=tuple(t.milestones), gamma=t.gamma)
+              weight_decay=t.weight_decay, milestones=tuple(milestones), gamma=t.gamma)
+
+
+def _comparable(config) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
 class _Run:
-  """State of one experiment: data, learner, checkpoint manager, records so far."""
+  """State of one experiment: data, learner, sampler, checkpoints, records so far."""
 
-  def __init__(self, config, workdir: pathlib.Path):
-    self.config, self.workdir = config, workdir
-    self.dataset = data_lib.load_dataset(config.data.name, source=config.data.source,
-                                         data_dir=config.data.data_dir, path=config.data.path)
-    _say(f"data: {data_lib.describe(self.dataset)}")
-    validate_config(config, pool_size=len(self.dataset.train_images))
+  def __init__(self, config, workdir: pathlib.Path, dataset: data_lib.Dataset):
+    self.config, self.workdir, self.dataset = config, workdir, dataset
     if config.data.max_test:
       self.dataset = self.dataset._replace(
           test_images=self.dataset.test_images[:config.data.max_test],
@@ -143,10 +189,14 @@ class _Run:
                                     channels=self.dataset.train_images.shape[-1])
     self.preprocessing = augment.preprocessing_for(config.data.name)
     self.sampler = samplers.get_sampler(config.sampler.name)
+    self.options = self.sampler.resolve_options(sampler_options(config))
+    self.loss_prediction = None
+    if "predicted_losses" in self.sampler.needs:
+      self.loss_prediction = samplers.learning_loss.loss_prediction_from_options(
+          self.options, config.train.epochs)
     self.mesh = parallel.make_mesh()
-    self.manager = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    self.store = workdir_lib.CheckpointStore(workdir / "checkpoints")
+    self.resolved = _comparable(config)
     self.records: List[results_lib.Record] = []
 
   def cycle_key(self, trial: int, cycle: int) -> jax.Array:
@@ -163,16 +213,41 @@ class _Run:
 
   def train_and_test(self, key, labelled, prefix):
     every = max(1, self.config.train.epochs // 5)
-    progress = (train.text_progress(every=every, prefix=prefix)
-                if parallel.is_main_process() else None)
+    shown = (train.text_progress(every=every, prefix=prefix)
+             if parallel.is_main_process() else None)
+
+    def progress(epoch, epochs, metrics):
+      # Stop at the first non-finite epoch loss rather than record a diverged learner.
+      if not math.isfinite(metrics["loss"]):
+        raise RunError(f"{prefix.strip()}: the learner's training loss is {metrics['loss']} at "
+                       f"epoch {epoch}; it diverged (train.learning_rate "
+                       f"{self.config.train.learning_rate}). Earlier cycles are saved.")
+      if shown is not None:
+        shown(epoch, epochs, metrics)
+
+    extra = {} if self.loss_prediction is None else {"loss_prediction": self.loss_prediction}
     state = train.fit(key, self.model, self.dataset.train_images[labelled],
                       self.dataset.train_targets[labelled], preprocessing=self.preprocessing,
-                      mesh=self.mesh, progress=progress, **_fit_kwargs(self.config))
+                      mesh=self.mesh, progress=progress, **_fit_kwargs(self.config), **extra)
     metric = train.evaluate(state, self.model, self.dataset.test_images,
                             self.dataset.test_targets, task=self.task,
                             batch_size=self.config.train.eval_batch_size,
                             preprocessing=self.preprocessing, mesh=self.mesh)
     return state, metric
+
+  def pool(self, state, nodes: np.ndarray, labelled_mask: np.ndarray) -> samplers.Pool:
+    """The `Pool` of `nodes` with just the fields the sampler needs."""
+    fields = {}
+    if self.sampler.needs & set(_FORWARD_FIELDS):
+      out = train.forward_pool(state, self.model, self.dataset.train_images, nodes,
+                               task=self.task, batch_size=self.config.train.eval_batch_size,
+                               preprocessing=self.preprocessing, mesh=self.mesh)
+      out["features"] = out.pop("embedding")
+      fields.update({k: out[k] for k in _FORWARD_FIELDS if k in self.sampler.needs})
+    if "images" in self.sampler.needs:
+      fields["images"] = augment.preprocess_all(self.dataset.train_images, nodes,
+                                                self.preprocessing)
+    return samplers.Pool(labelled_mask, **fields)
 
   def select(self, key, state, labelled):
     """Returns (new labelled set, seconds embedding, seconds sampling)."""
@@ -185,14 +260,10 @@ class _Run:
     start = time.perf_counter()
     # Node order as the reference: the unlabelled subset first, then the labelled set.
     nodes = np.concatenate([unlabelled, labelled])
-    features = train.extract_embeddings(state, self.model, self.dataset.train_images, nodes,
-                                        batch_size=self.config.train.eval_batch_size,
-                                        preprocessing=self.preprocessing, mesh=self.mesh)
+    pool = self.pool(state, nodes, np.arange(len(nodes)) >= len(unlabelled))
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
-    mask = np.arange(len(nodes)) >= len(unlabelled)
-    picks = np.asarray(self.sampler(sampler_key, features, mask, al.budget,
-                                    **sampler_options(self.config)))
+    picks = np.asarray(self.sampler(sampler_key, pool, al.budget, **self.options))
     sample_s = time.perf_counter() - start
     return np.concatenate([labelled, unlabelled[picks]]), embed_s, sample_s
 
@@ -200,16 +271,19 @@ class _Run:
   def save(self, step: int, next_labelled: np.ndarray) -> None:
     tree = {"labelled": np.asarray(next_labelled, np.int64),
             "results": results_lib.records_to_array(self.records),
-            "seed": np.int64(self.config.seed)}
-    self.manager.save(step, args=ocp.args.StandardSave(tree))
-    self.manager.wait_until_finished()
+            "seed": np.int64(self.config.seed),
+            "config": workdir_lib.encode_config(self.resolved)}
+    self.store.save(step, tree)
     self.write_outputs()
 
   def restore(self):
-    step = self.manager.latest_step()
-    if step is None:
+    """(last complete step, labelled set after it), or (-1, None); refuses another run's."""
+    step, tree = self.store.restore_latest()
+    if tree is None:
       return -1, None
-    tree = self.manager.restore(step, args=ocp.args.StandardRestore())
+    if "config" in tree:
+      workdir_lib.check_same_run(self.workdir, workdir_lib.decode_config(tree["config"]),
+                                 self.resolved, f"checkpoint {step}")
     self.records = results_lib.records_from_array(np.asarray(tree["results"]))
     return step, np.asarray(tree["labelled"])
 
@@ -229,51 +303,91 @@ class _Run:
                             title=f"{self.config.data.name}: {label}")
 
 
+def _load_data(config) -> data_lib.Dataset:
+  try:
+    return data_lib.load_dataset(config.data.name, source=config.data.source,
+                                 data_dir=config.data.data_dir, path=config.data.path)
+  except (ValueError, OSError) as err:
+    raise RunError(f"data: {err}") from err
+
+
 def run(config: ml_collections.ConfigDict, workdir) -> List[results_lib.Record]:
-  """Runs (or resumes) the experiment described by `config` in `workdir`.
+  """Runs (or resumes, or extends with more trials) the experiment of `config` in `workdir`.
 
   Args:
     config: experiment config (configs/default.py documents every field).
-    workdir: output directory; an existing one with the same config is resumed at the first
-      unfinished cycle, one with a different config is refused.
+    workdir: output directory (`~` is expanded). An existing one with the same config is resumed
+      at the first unfinished cycle (a larger `al.trials` adds trials); one holding a different
+      config, or in use by another run, is refused.
   Returns:
     All records (trial x cycle), also written to `workdir/results.jsonl`.
   Raises:
-    ConfigError: a bad config, or a workdir holding a different config (before any training).
+    ConfigError: a bad config (before any data is loaded or any file written).
+    workdir.WorkdirError: the workdir is in use or holds another run (before any training).
+    RunError: the data cannot be read, or the learner diverged (earlier cycles are kept).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).expanduser()
   validate_config(config)
-  _check_workdir_config(workdir, config)
-  exp = _Run(config, workdir)
+  holder = workdir_lib.lock(workdir) if parallel.is_main_process() else _nothing()
+  with holder:
+    return _run_locked(config, workdir)
+
+
+class _nothing:  # pylint: disable=invalid-name
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *unused):
+    return False
+
+
+def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
+  resolved = _comparable(config)
+  saved = workdir_lib.read_config(workdir)
+  workdir_lib.check_same_run(workdir, saved, resolved, workdir_lib.CONFIG_FILE)
+  dataset = _load_data(config)
+  _say(f"data: {data_lib.describe(dataset)}")
+  _check_data(config, dataset)
+  exp = _Run(config, workdir, dataset)
   al = config.al
   cycles = 1 if al.upper_bound else al.cycles
   last_step, labelled = exp.restore()
+  if last_step >= al.trials * cycles:
+    raise ConfigError(f"{workdir} already holds {last_step // cycles + 1} trials; al.trials="
+                      f"{al.trials} cannot remove them (use al.trials >= "
+                      f"{last_step // cycles + 1})")
+  # Every process has read config.json before the main one rewrites it (same branch for all).
+  parallel.sync_processes("loop: config.json checked")
+  if parallel.is_main_process():
+    workdir_lib.write_config(workdir, resolved)
   if last_step >= 0:
     _say(f"resuming {workdir} after trial {last_step // cycles + 1} cycle "
          f"{last_step % cycles + 1}")
     exp.write_outputs()
-  for step in range(last_step + 1, al.trials * cycles):
-    trial, cycle = divmod(step, cycles)
-    if cycle == 0:
-      labelled = exp.initial_labelled(trial)
-    prefix = f"trial {trial + 1}/{al.trials} cycle {cycle + 1}/{cycles} "
-    if parallel.is_main_process():
-      np.save(_labelled_path(workdir, trial, cycle), labelled)
-    train_key, select_key = jax.random.split(exp.cycle_key(trial, cycle))
-    start = time.perf_counter()
-    state, metric = exp.train_and_test(train_key, labelled, prefix)
-    train_s = time.perf_counter() - start
-    embed_s = sample_s = 0.0
-    next_labelled = labelled
-    if cycle < cycles - 1:
-      next_labelled, embed_s, sample_s = exp.select(select_key, state, labelled)
-    exp.records.append(results_lib.Record(trial, cycle, len(labelled), metric, train_s,
-                                          embed_s, sample_s))
-    exp.save(step, next_labelled)
-    _say(f"{prefix}| labelled {len(labelled)} | test {metric:.4f} | train {train_s:.1f} s, "
-         f"embed {embed_s:.1f} s, sample {sample_s:.1f} s")
-    labelled = next_labelled
-  exp.manager.close()
+  try:
+    for step in range(last_step + 1, al.trials * cycles):
+      trial, cycle = divmod(step, cycles)
+      if cycle == 0:
+        labelled = exp.initial_labelled(trial)
+      prefix = f"trial {trial + 1}/{al.trials} cycle {cycle + 1}/{cycles} "
+      if parallel.is_main_process():
+        np.save(_labelled_path(workdir, trial, cycle), labelled)
+      train_key, select_key = jax.random.split(exp.cycle_key(trial, cycle))
+      start = time.perf_counter()
+      state, metric = exp.train_and_test(train_key, labelled, prefix)
+      train_s = time.perf_counter() - start
+      embed_s = sample_s = 0.0
+      next_labelled = labelled
+      if cycle < cycles - 1:
+        next_labelled, embed_s, sample_s = exp.select(select_key, state, labelled)
+      exp.records.append(results_lib.Record(trial, cycle, len(labelled), metric, train_s,
+                                            embed_s, sample_s))
+      exp.save(step, next_labelled)
+      _say(f"{prefix}| labelled {len(labelled)} | test {metric:.4f} | train {train_s:.1f} s, "
+           f"embed {embed_s:.1f} s, sample {sample_s:.1f} s")
+      labelled = next_labelled
+  finally:
+    exp.store.close()
   return exp.records
 
 
