@@ -27,7 +27,7 @@ class Record(NamedTuple):
 
 
 class CycleSummary(NamedTuple):
-  """Mean and (population) std over trials of one cycle."""
+  """Mean and sample std (ddof=1; NaN for a single trial) over the trials of one cycle."""
   cycle: int
   n_labelled: int
   mean: float
@@ -64,7 +64,7 @@ def read_jsonl(path) -> List[Record]:
 
 
 def summarize(records: Sequence[Record]) -> List[CycleSummary]:
-  """Mean ± std of the metric per cycle over trials, in cycle order."""
+  """Mean ± sample std (ddof=1) of the metric per cycle over trials, in cycle order."""
   by_cycle: Dict[int, List[Record]] = {}
   for r in records:
     by_cycle.setdefault(r.cycle, []).append(r)
@@ -73,13 +73,18 @@ def summarize(records: Sequence[Record]) -> List[CycleSummary]:
     rs = by_cycle[cycle]
     metrics = np.asarray([r.metric for r in rs])
     out.append(CycleSummary(cycle, int(np.round(np.mean([r.n_labelled for r in rs]))),
-                            float(metrics.mean()), float(metrics.std()), len(rs),
+                            float(metrics.mean()),
+                            float(metrics.std(ddof=1)) if len(rs) > 1 else float("nan"), len(rs),
                             float(np.mean([r.train_s + r.embed_s + r.sample_s for r in rs]))))
   return out
 
 
 def _cell(s: Optional[CycleSummary], scale: float) -> str:
-  return "" if s is None else f"{s.mean * scale:.2f} ± {s.std * scale:.2f}"
+  if s is None:
+    return ""
+  if np.isnan(s.std):
+    return f"{s.mean * scale:.2f}"
+  return f"{s.mean * scale:.2f} ± {s.std * scale:.2f}"
 
 
 def markdown_table(runs: Dict[str, Sequence[Record]], *, metric_name: str = "accuracy %",
@@ -110,18 +115,22 @@ def markdown_table(runs: Dict[str, Sequence[Record]], *, metric_name: str = "acc
   trials = {label: max((s.trials for s in summ.values()), default=0)
             for label, summ in summaries.items()}
   lines.append("")
-  lines.append("Mean ± std over trials (" + ", ".join(f"{k}: {v}" for k, v in trials.items())
-               + ").")
+  lines.append("Mean ± sample standard deviation (ddof=1) over trials; number of trials: "
+               + ", ".join(f"{k}: {v}" for k, v in trials.items()) + ".")
   return "\n".join(lines) + "\n"
 
 
 def plot_curves(runs: Dict[str, Sequence[Record]], path, *, ylabel: str = "test accuracy (%)",
                 scale: float = 100.0, title: Optional[str] = None) -> None:
-  """Saves a PNG: mean learning curve per run with a ± std band, labelled count on x."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  """Saves a PNG: mean learning curve per run with a ± std band, labelled count on x.
+
+  Draws on a bare Agg figure (no pyplot), so the process's matplotlib backend is left alone.
+  """
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=(6.4, 4.4))
+  backend_agg.FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
   for label, records in runs.items():
     summ = summarize(records)
     x = np.asarray([s.n_labelled for s in summ])
@@ -138,5 +147,4 @@ def plot_curves(runs: Dict[str, Sequence[Record]], path, *, ylabel: str = "test 
   fig.tight_layout()
   tmp = pathlib.Path(str(path) + ".tmp.png")
   fig.savefig(tmp, dpi=120)
-  plt.close(fig)
   os.replace(tmp, path)

@@ -193,6 +193,23 @@ def test_summary_statistics_by_hand():
   summary = results.summarize(records)
   assert [(s.cycle, s.n_labelled, s.trials) for s in summary] == [(0, 10, 2), (1, 20, 2)]
   np.testing.assert_allclose([s.mean for s in summary], [0.6, 0.6])
-  np.testing.assert_allclose([s.std for s in summary], [0.1, 0.0], atol=1e-12)
+  # Sample standard deviation (ddof=1): sqrt(((0.5-0.6)^2 + (0.7-0.6)^2) / 1).
+  np.testing.assert_allclose([s.std for s in summary], [np.sqrt(0.02), 0.0], atol=1e-12)
   np.testing.assert_allclose(summary[0].seconds, 1.75)
-  assert "60.00 ± 10.00" in results.markdown_table({"X": records})
+  table = results.markdown_table({"X": records})
+  assert "60.00 ± 14.14" in table and "ddof=1" in table and "X: 2" in table
+  single = results.summarize(records[:1])
+  assert np.isnan(single[0].std) and "| 50.00 |" in results.markdown_table({"X": records[:1]})
+
+
+def test_import_and_plot_leave_the_matplotlib_backend_alone(tmp_path):
+  code = ("import matplotlib; matplotlib.use('svg'); import jax_seqgcn; "
+          "from jax_seqgcn import results; "
+          "r = [results.Record(0, 0, 10, 0.5, 1, 1, 1), results.Record(1, 0, 10, 0.6, 1, 1, 1)]; "
+          f"results.plot_curves({{'X': r}}, {str(tmp_path / 'c.png')!r}); "
+          "print(matplotlib.get_backend())")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "svg"
+  assert (tmp_path / "c.png").stat().st_size > 1000
