@@ -6,14 +6,21 @@ what it needs. One module per family:
 
 * `basic`: Random, CoreSet.
 * `gcn`: UncertainGCN, CoreGCN, UncertainDiscriminator (and the GCN ablations as options).
+* `uncertainty`: Entropy, Margin, LeastConfidence on the learner's class probabilities.
+* `badge`: BADGE, k-means++ seeding on last-layer gradient embeddings (features + probabilities).
 
 The functions `random`, `coreset`, `uncertain_gcn`, `core_gcn`, `uncertain_discriminator` take a
-features array directly: `(key, features, labelled_mask, budget, **options)`.
+features array directly: `(key, features, labelled_mask, budget, **options)`; `entropy`, `margin`,
+`least_confidence` take `(key, probabilities, labelled_mask, budget)`, and `badge.badge` (not
+re-exported: the name is the module's) takes `(key, features, probabilities, labelled_mask,
+budget)`.
 """
 
 from jax_seqgcn.samplers import base
 from jax_seqgcn.samplers import basic
 from jax_seqgcn.samplers import gcn
+from jax_seqgcn.samplers import uncertainty
+from jax_seqgcn.samplers import badge  # pylint: disable=g-bad-import-order (registry order)
 from jax_seqgcn.samplers.base import POOL_FIELDS
 from jax_seqgcn.samplers.base import SAMPLERS
 from jax_seqgcn.samplers.base import Pool
@@ -27,3 +34,9 @@ from jax_seqgcn.samplers.gcn import core_gcn_select
 from jax_seqgcn.samplers.gcn import uncertain_discriminator
 from jax_seqgcn.samplers.gcn import uncertain_gcn
 from jax_seqgcn.samplers.gcn import uncertain_gcn_select
+from jax_seqgcn.samplers.uncertainty import confidence_scores
+from jax_seqgcn.samplers.uncertainty import entropy
+from jax_seqgcn.samplers.uncertainty import entropy_scores
+from jax_seqgcn.samplers.uncertainty import least_confidence
+from jax_seqgcn.samplers.uncertainty import margin
+from jax_seqgcn.samplers.uncertainty import margin_scores
