@@ -20,6 +20,8 @@ IDX / npz sources do not need it.
 
 import gzip
 import os
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -41,6 +43,9 @@ _ORIGINAL_ARCHIVES = {
 _TFDS_READ_BATCH = 4096
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # first local file header; empty archive
+_MAX_LABEL = np.iinfo(np.int32).max
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -128,6 +133,25 @@ def _read_tfds_split(builder, split, tfds):
           np.concatenate(labels).astype(np.int32))
 
 
+def _import_tensorflow(name):
+  """Imports (tensorflow, tensorflow_datasets), or says how to install them."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    missing = e.name or "tensorflow"
+    lines = [f"dataset {name!r} is read with tensorflow-datasets, which needs {missing} "
+             f"(not installed: {e}). Install it with: pip install -e \".[tfds]\" "
+             "(from the repository; or pip install tensorflow-cpu)."]
+    if name == "fashion_mnist":
+      lines.append("  * or without TensorFlow: `apt-get install -y dataset-fashion-mnist` and "
+                   "source 'idx' / 'auto', which reads the IDX files in "
+                   f"{FASHION_MNIST_IDX_DIR}.")
+    lines.append("  * own data needs no TensorFlow: dataset 'npz' with path=<file.npz>.")
+    raise ModuleNotFoundError("\n".join(lines), name=e.name) from e
+  return tf, tfds
+
+
 def load_tfds(name, *, data_dir=None):
   """Loads a prepared tensorflow-datasets dataset into memory, never downloading.
 
@@ -142,12 +166,13 @@ def load_tfds(name, *, data_dir=None):
     Fashion-MNIST) and int32 [N] labels; the tfds "train" and "test" splits.
   Raises:
     ValueError: unknown name.
+    ModuleNotFoundError: TensorFlow or tensorflow-datasets is not installed; the message says
+      `pip install -e ".[tfds]"`.
     DatasetNotFoundError: the dataset is not prepared in `data_dir`.
   """
   if name not in TFDS_DATASETS:
     raise ValueError(f"unknown tfds dataset {name!r}; valid: {', '.join(TFDS_DATASETS)}")
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf, tfds = _import_tensorflow(name)
   _hide_gpus_from_tensorflow(tf)
 
   builder = tfds.builder(name, data_dir=data_dir)
@@ -232,6 +257,47 @@ def load_fashion_mnist_idx(directory=FASHION_MNIST_IDX_DIR):
 # --------------------------------------------------------------------------- npz
 
 
+def _read_npz(path):
+  """Reads every array of an `.npz` file into memory.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: "PATH is not a valid .npz: REASON" for an empty (0 bytes) file, text, a
+      renamed .npy, a truncated or corrupt zip archive, members that are not arrays (or hold
+      pickled Python objects), or an archive without arrays.
+  """
+  def invalid(reason):
+    return ValueError(f"{path} is not a valid .npz: {reason}")
+
+  with open(path, "rb") as f:
+    head = f.read(len(_NPY_MAGIC))
+  if not head:
+    raise invalid("the file is empty (0 bytes)")
+  if head.startswith(_NPY_MAGIC):
+    raise invalid("it is a single .npy array (np.save); save the arrays by name with "
+                  "np.savez(path, images=..., targets=...)")
+  if not head.startswith(_ZIP_MAGICS):
+    kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary"
+    raise invalid(f"it starts with {head!r} ({kind}), not with a zip header; write it with "
+                  "np.savez(path, images=..., targets=...)")
+  arrays = {}
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      for key in npz.files:
+        try:
+          arrays[key] = npz[key]
+        except ValueError as e:  # pickled objects, or a member that is not a valid .npy
+          raise invalid(f"member {key!r}: {e}") from e
+        if not isinstance(arrays[key], np.ndarray):
+          raise invalid(f"member {key!r} is not a .npy array")
+  except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+    raise invalid(f"truncated or corrupt zip archive ({type(e).__name__}: {e})") from e
+  if not arrays:
+    raise invalid("it holds no arrays; need 'images' and 'targets' (optionally "
+                  "'test_images', 'test_targets')")
+  return arrays
+
+
 def _check_images(images, key, path):
   if images.dtype != np.uint8:
     raise ValueError(
@@ -254,7 +320,12 @@ def _check_targets(targets, key, path, num_images):
       raise ValueError(f"{path}: integer (class label) {key!r} must be [N], "
                        f"got shape {targets.shape}")
     if targets.size and targets.min() < 0:
-      raise ValueError(f"{path}: negative class label {targets.min()} in {key!r}")
+      raise ValueError(f"{path}: negative class label {targets.min()} in {key!r}; class labels "
+                       "must be 0..C-1")
+    if targets.size and targets.max() > _MAX_LABEL:
+      # Casting to int32 would wrap such a label silently.
+      raise ValueError(f"{path}: class label {targets.max()} in {key!r} does not fit in int32; "
+                       "class labels must be 0..C-1")
     return targets.astype(np.int32)
   if np.issubdtype(targets.dtype, np.floating):
     targets = targets.reshape(len(targets), -1).astype(np.float32)
@@ -263,6 +334,50 @@ def _check_targets(targets, key, path, num_images):
     return targets
   raise ValueError(f"{path}: {key!r} must be integer (classification) or float "
                    f"(regression), got {targets.dtype}")
+
+
+def _first_missing(present, limit=5):
+  """The first `limit` non-negative integers absent from the sorted unique `present`."""
+  missing, expected = [], 0
+  for value in present.tolist():
+    missing.extend(range(expected, min(value, expected + limit - len(missing))))
+    if len(missing) >= limit:
+      break
+    expected = value + 1
+  return missing
+
+
+def _count_classes(labels, what, path):
+  """C for non-negative `labels` that take every value 0..C-1; else a ValueError."""
+  present = np.unique(labels)
+  num_classes = int(present[-1]) + 1
+  if len(present) != num_classes:
+    raise ValueError(
+        f"{path}: class labels must be 0..C-1 with every class present in the training split; "
+        f"{what} have {len(present)} distinct values up to {num_classes - 1}, so "
+        f"{num_classes - len(present)} of the classes 0..{num_classes - 1} have no "
+        f"example (e.g. {_first_missing(present)}). Relabel the classes as "
+        f"0..{len(present) - 1}.")
+  return num_classes
+
+
+def _num_classes(train_labels, test_labels, path, *, file_split):
+  """C for labels 0..C-1 with every class in the training split; else a ValueError."""
+  if file_split:
+    num_classes = _count_classes(train_labels, "the training labels ('targets')", path)
+    if test_labels.max() >= num_classes:
+      raise ValueError(f"{path}: test label {test_labels.max()} has no training example (the "
+                       f"training labels are 0..{num_classes - 1})")
+    return num_classes
+  num_classes = _count_classes(np.concatenate([train_labels, test_labels]),
+                               "the labels in 'targets'", path)
+  only_test = np.setdiff1d(np.arange(num_classes), train_labels)
+  if only_test.size:  # a rare class had all its examples drawn into the test split
+    raise ValueError(f"{path}: the random test split took every example of class(es) "
+                     f"{only_test[:5].tolist()}, so the training split lacks them; change the "
+                     "seed or test_fraction, or give the split in the file ('test_images', "
+                     "'test_targets')")
+  return num_classes
 
 
 def _split_indices(num_examples, test_fraction, seed):
@@ -283,8 +398,9 @@ def load_npz(path, *, test_fraction=0.2, seed=0, name=None):
   Keys: `images` (uint8 [N, H, W] or [N, H, W, C]; [N, H, W] gets C=1) and `targets`,
   optionally `test_images` and `test_targets` (both or neither) as the test split.
   Without them a deterministic random `test_fraction` of the examples becomes the test
-  set. Integer targets mean classification (num_classes = max label + 1 over both
-  splits); float targets mean regression (num_classes = 0), flattened to [N, K]
+  set. Integer targets mean classification: labels 0..C-1 with every class present in
+  the training split (num_classes = C; test labels must be < C); float targets mean
+  regression (num_classes = 0), flattened to [N, K]
   (e.g. ICVL joints [N, 16, 3] -> [N, 48]). Images are not converted: non-uint8 images
   are an error, so that scaling is the caller's explicit choice.
 
@@ -296,11 +412,12 @@ def load_npz(path, *, test_fraction=0.2, seed=0, name=None):
   Returns:
     `Dataset` with uint8 [N, H, W, C] images and int32 [N] / float32 [N, K] targets.
   Raises:
-    ValueError: missing keys, length or shape mismatch, wrong dtypes, bad split.
+    ValueError: not a valid .npz file ("PATH is not a valid .npz: REASON"), missing keys,
+      an empty split, length or shape mismatch, wrong dtypes, class labels that are not
+      0..C-1 with every class in the training split, bad split.
     FileNotFoundError: no such file.
   """
-  with np.load(path, allow_pickle=False) as npz:
-    arrays = {key: npz[key] for key in npz.files}
+  arrays = _read_npz(path)
   missing = [key for key in ("images", "targets") if key not in arrays]
   if missing:
     raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(arrays)}; need "
@@ -310,10 +427,15 @@ def load_npz(path, *, test_fraction=0.2, seed=0, name=None):
     raise ValueError(f"{path}: 'test_images' and 'test_targets' must come together")
 
   images = _check_images(arrays["images"], "images", path)
+  if not len(images):
+    raise ValueError(f"{path}: 'images' holds no examples (the training split is empty)")
   targets = _check_targets(arrays["targets"], "targets", path, len(images))
   if all(has_test):
     train_images, train_targets = images, targets
     test_images = _check_images(arrays["test_images"], "test_images", path)
+    if not len(test_images):
+      raise ValueError(f"{path}: the test split is empty ('test_images' holds no examples); "
+                       "drop 'test_images' and 'test_targets' to split off test_fraction")
     test_targets = _check_targets(arrays["test_targets"], "test_targets", path,
                                   len(test_images))
     if test_images.shape[1:] != train_images.shape[1:]:
@@ -329,7 +451,7 @@ def load_npz(path, *, test_fraction=0.2, seed=0, name=None):
     test_images, test_targets = images[test_idx], targets[test_idx]
 
   if train_targets.dtype == np.int32:
-    num_classes = int(max(train_targets.max(initial=-1), test_targets.max(initial=-1))) + 1
+    num_classes = _num_classes(train_targets, test_targets, path, file_split=all(has_test))
   else:
     num_classes = 0
   if name is None:

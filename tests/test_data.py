@@ -1,7 +1,9 @@
 """Tests for jax_seqgcn.data: tfds (mocked, offline), Fashion-MNIST IDX files, npz."""
 
 import gzip
+import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -75,6 +77,23 @@ def test_fashion_mnist_missing_everywhere_mentions_idx_package(tfds, tmp_path):
     data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "tfds"),
                       path=str(tmp_path / "no_idx"))
   assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("missing", ["tensorflow", "tensorflow_datasets"])
+@pytest.mark.parametrize("name", ["cifar10", "svhn_cropped"])
+def test_tfds_without_tensorflow_says_how_to_install(monkeypatch, missing, name):
+  monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ImportError
+  with pytest.raises(ModuleNotFoundError, match=re.escape('pip install -e ".[tfds]"')) as excinfo:
+    data.load_dataset(name)
+  assert f"dataset {name!r}" in str(excinfo.value) and missing in str(excinfo.value)
+  assert excinfo.value.name == missing
+
+
+def test_fashion_mnist_without_tensorflow_mentions_idx(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, "tensorflow", None)
+  with pytest.raises(ModuleNotFoundError, match="dataset-fashion-mnist") as excinfo:
+    data.load_dataset("fashion_mnist", path=str(tmp_path / "no_idx"))
+  assert 'pip install -e ".[tfds]"' in str(excinfo.value)
 
 
 def test_load_tfds_unknown_name():
@@ -241,11 +260,11 @@ def test_npz_regression_split_and_classification_explicit(tmp_path):
   assert ds.train_targets.shape == (7, 1) and ds.test_targets.shape == (3, 1)
   assert ds.num_classes == 0
   path = tmp_path / "cls.npz"
-  np.savez(path, images=_images(6), targets=np.array([0, 1, 0, 1, 0, 1]),
+  np.savez(path, images=_images(8), targets=np.array([0, 1, 2, 3, 4, 5, 6, 1]),
            test_images=_images(2), test_targets=np.array([0, 6]))
   ds = data.load_npz(path)
-  assert ds.num_classes == 7  # max over both splits + 1
-  assert ds.train_images.shape == (6, 8, 8, 3) and ds.test_targets.tolist() == [0, 6]
+  assert ds.num_classes == 7  # labels 0..6, every class in the training split
+  assert ds.train_images.shape == (8, 8, 8, 3) and ds.test_targets.tolist() == [0, 6]
 
 
 @pytest.mark.parametrize("arrays, match", [
@@ -265,12 +284,84 @@ def test_npz_regression_split_and_classification_explicit(tmp_path):
     (dict(images=_images(4), targets=np.zeros(4, int), test_images=_images(2),
           test_targets=np.zeros(2)), "test targets"),
     (dict(images=_images(2), targets=np.zeros(2, int)), "empty"),
+    (dict(images=_images(0), targets=np.zeros(0, int)), "the training split is empty"),
+    (dict(images=_images(4), targets=np.zeros(4, int), test_images=_images(0),
+          test_targets=np.zeros(0, int)), "the test split is empty"),
+    # int64 labels >= 2**31 used to wrap silently to negative int32 labels.
+    (dict(images=_images(4), targets=np.array([0, 1, 2 ** 31, 1], np.int64)),
+     "label 2147483648 .* does not fit in int32"),
+    (dict(images=_images(4), targets=np.array([0, 1, 2 ** 32 + 1, 1], np.uint64)),
+     "does not fit in int32"),
+    # A label of 10**6 used to make a million classes.
+    (dict(images=_images(10), targets=np.array([0, 1] * 4 + [10 ** 6, 1])),
+     r"every class present .* 999998 of the classes 0..1000000 have no example "
+     r"\(e.g. \[2, 3, 4, 5, 6\]\)"),
+    (dict(images=_images(10), targets=np.array([0, 2] * 5)), r"classes 0..2 have no .*\[1\]"),
+    (dict(images=_images(6), targets=np.array([0, 1, 2] * 2), test_images=_images(2),
+          test_targets=np.array([0, 6])), "test label 6 has no training example"),
 ])
 def test_npz_invalid(tmp_path, arrays, match):
   path = tmp_path / "bad.npz"
   np.savez(path, **arrays)
   with pytest.raises(ValueError, match=match):
     data.load_npz(path, test_fraction=0.2)
+
+
+def test_npz_random_split_that_empties_a_class(tmp_path):
+  path = tmp_path / "rare.npz"
+  np.savez(path, images=_images(10), targets=np.array([0, 1] * 4 + [0, 2]))  # one example of 2
+  assert data.load_npz(path, test_fraction=0.3, seed=0).num_classes == 3
+  with pytest.raises(ValueError, match=r"random test split took every example of class\(es\) "
+                                       r"\[2\].*change the seed"):
+    data.load_npz(path, test_fraction=0.3, seed=3)
+
+
+def _zip_of(path, **arrays):
+  np.savez(path, **arrays)
+  return path.read_bytes()
+
+
+def _npy_bytes():
+  buffer = io.BytesIO()
+  np.save(buffer, _images(4))
+  return buffer.getvalue()
+
+
+def _flip_byte(raw, index):
+  raw = bytearray(raw)
+  raw[index] ^= 0xFF
+  return bytes(raw)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b""), "the file is empty \\(0 bytes\\)"),
+    (lambda p: np.savez(p), "it holds no arrays"),
+    (lambda p: p.write_text("images,targets\n1,2\n"), "it starts with b'images' \\(text\\)"),
+    (lambda p: p.write_bytes(b"\x00\x01\x02\xff" * 4),
+     "it starts with .* \\(binary\\), not with a zip header"),
+    (lambda p: p.write_bytes(_npy_bytes()), "it is a single .npy array"),  # a renamed .npy
+    (lambda p: p.write_bytes(_zip_of(p, images=_images(10), targets=np.zeros(10, int))[:900]),
+     "truncated or corrupt zip archive"),
+    (lambda p: p.write_bytes(_zip_of(p, images=_images(10), targets=np.zeros(10, int))[:-10]),
+     "truncated or corrupt zip archive"),
+    (lambda p: p.write_bytes(_flip_byte(_zip_of(p, images=_images(10),
+                                                targets=np.zeros(10, int)), 300)),
+     "truncated or corrupt zip archive .*CRC"),
+    (lambda p: np.savez(p, images=np.array([None, 1], object), targets=np.zeros(2, int)),
+     "member 'images': Object arrays"),
+])
+def test_npz_not_a_valid_npz(tmp_path, make, reason):
+  path = tmp_path / "bad.npz"
+  make(path)
+  with pytest.raises(ValueError, match=f"^{re.escape(str(path))} is not a valid .npz: {reason}"):
+    data.load_npz(path)
+  with pytest.raises(ValueError, match="is not a valid .npz"):
+    data.load_dataset("npz", path=str(path))
+
+
+def test_npz_missing_file_stays_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError):
+    data.load_npz(tmp_path / "nowhere.npz")
 
 
 def test_npz_bad_test_fraction(tmp_path):

@@ -17,20 +17,21 @@ import pytest
 
 from jax_seqgcn import kcenter
 from jax_seqgcn import kcenter_sharded
-from tests.conftest import REFERENCE_DIR, has_square_array
+from tests.conftest import has_square_array
 
 TIMEOUT = 240  # seconds; a hang fails the test instead of blocking CI
 REFERENCE_CASES = [("features_l2", "kcenter_idx"), ("features", "kcenter_raw_idx"),
                    ("gcn_embedding", "coregcn_idx")]
 
 _SCRIPT = r'''
-import pathlib, sys
+import sys
 import jax
 import numpy as np
 from jax_seqgcn import kcenter, kcenter_sharded
+from tests.conftest import Reference
 
 assert jax.device_count() == 8, jax.devices()
-reference_dir, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+out = sys.argv[1]
 results = {}
 
 def case(name, x, is_centre, budget, mesh=None, key=None, single=True):
@@ -39,11 +40,9 @@ def case(name, x, is_centre, budget, mesh=None, key=None, single=True):
   if single:
     results[name + "/single"] = np.asarray(kcenter.k_center_greedy(x, is_centre, budget, key=key))
 
-if (reference_dir / "README.txt").exists():
-  labelled = np.arange(3000) >= 2000
-  for features, expected in %(reference_cases)r:
-    case("ref_" + features, np.load(reference_dir / (features + ".npy")), labelled, 200,
-         single=False)
+ref = Reference()
+for features, expected in %(reference_cases)r:
+  case("ref_" + features, getattr(ref, features), ref.labelled_mask, 200, single=False)
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(1003, 16)).astype(np.float32)  # N = 1003: 5 padding rows on 8 devices
@@ -76,7 +75,7 @@ def eight_devices(tmp_path_factory):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
                                          os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, str(script), str(REFERENCE_DIR), str(out)], env=env,
+  proc = subprocess.run([sys.executable, str(script), str(out)], env=env,
                         capture_output=True, text=True, timeout=TIMEOUT, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return dict(np.load(out))

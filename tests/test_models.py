@@ -206,3 +206,59 @@ def test_get_learner():
   assert isinstance(module, models.SmallCNN) and module.hidden == 32
   with pytest.raises(AssertionError):  # channel count is checked against the input
     _abstract_variables(module, (1, 28, 28, 3))
+
+
+# Smallest input sizes: small_cnn pools twice by 2, deepprior by 4, 2, 2, 2; resnet18 (padded
+# stride-2 convs) and vgg11 ("SAME" pools) keep at least one pixel of any input.
+_MIN_SIZES = [("small_cnn", 1, 4), ("deepprior", 1, 32), ("resnet18", 3, 1), ("vgg11", 3, 1)]
+
+
+@pytest.mark.parametrize("name, channels, minimum", _MIN_SIZES)
+def test_min_image_size_is_the_smallest_that_runs(name, channels, minimum):
+  assert models.min_image_size(name) == minimum
+  module = models.get_learner(name, num_classes=48 if name == "deepprior" else 10,
+                              channels=channels)
+  shape = (1, minimum, minimum + 3, channels)
+  models.check_input_shape(name, shape[1:])
+  outputs, embedding, _ = _abstract_outputs(module, _abstract_variables(module, shape), shape,
+                                            False)
+  assert outputs.shape[0] == embedding.shape[0] == 1
+  # One pixel less: the module itself now says so (Flax used to raise ZeroDivisionError).
+  with pytest.raises(ValueError, match=f"'{type(module).__name__}' needs images of at least "
+                                       f"{minimum}x{minimum} pixels"):
+    _abstract_variables(module, (1, minimum - 1, minimum + 3, channels))
+
+
+@pytest.mark.parametrize("name, image_shape, match", [
+    ("small_cnn", (2, 2, 1), "learner 'small_cnn' needs images of at least 4x4 pixels .*got 2x2"),
+    ("small_cnn", (28, 3, 1), "at least 4x4 pixels .*got 28x3"),
+    ("deepprior", (16, 16, 1), "learner 'deepprior' needs images of at least 32x32 pixels"),
+    ("resnet18", (0, 32, 3), "learner 'resnet18' needs images of at least 1x1 pixels"),
+    ("vgg11", (32, 0, 3), "learner 'vgg11' needs images of at least 1x1 pixels"),
+    ("vgg11", (32, 32), "shape \\[H, W, C\\]"),
+    ("small_cnn", (28, 28, 0), "at least one channel"),
+    ("mlp", (28, 28, 1), "Unknown learner 'mlp'"),
+])
+def test_check_input_shape_rejects(name, image_shape, match):
+  with pytest.raises(ValueError, match=match):
+    models.check_input_shape(name, image_shape)
+
+
+def test_get_learner_checks_image_shape_when_given():
+  with pytest.raises(ValueError, match="'small_cnn' needs images of at least 4x4"):
+    models.get_learner("small_cnn", num_classes=10, channels=1, image_shape=(2, 2, 1))
+  with pytest.raises(ValueError, match="built for 3 channels"):
+    models.get_learner("resnet18", num_classes=10, channels=3, image_shape=(32, 32, 1))
+  module = models.get_learner("small_cnn", num_classes=10, channels=1, image_shape=(4, 4, 1))
+  assert isinstance(module, models.SmallCNN)
+
+
+def test_min_image_size_follows_deepprior_stages():
+  # conv 5 (pad 2) + pool 2, conv 4 (pad 2: +1 pixel) + pool 2, conv 3 + no pool, conv 3 + pool 2.
+  stages = ((5, 8, 2), (4, 16, 2), (3, 32, 1), (3, 64, 2))
+  assert models.min_image_size("deepprior", stages=stages) == 6
+  module = models.DeepPrior(num_joints=2, stages=stages, hidden=(8,))
+  assert _abstract_outputs(module, _abstract_variables(module, (1, 6, 6, 1)), (1, 6, 6, 1),
+                           False)[0].shape == (1, 6)
+  with pytest.raises(ValueError, match="at least 6x6"):
+    _abstract_variables(module, (1, 5, 6, 1))

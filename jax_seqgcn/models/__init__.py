@@ -5,15 +5,22 @@ and returns `(outputs, embedding, stage_features)`: outputs [B, num_classes] log
 [B, 3J] coordinates), embedding [B, D] (the features the samplers use) and a tuple of exactly 4
 NHWC feature maps (for Learning Loss). BatchNorm nets keep statistics in 'batch_stats' (apply with
 `mutable=['batch_stats']` when train=True); `small_cnn` has none. No learner uses dropout.
+
+Each learner has a smallest image size (`min_image_size`: small_cnn 4, deepprior 32, resnet18 and
+vgg11 1). `check_input_shape(name, image_shape)`, or `get_learner(..., image_shape=...)`, checks a
+dataset's [H, W, C] against it before any training; the modules also check it when applied.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 from flax import linen as nn
 
 from jax_seqgcn.models.deepprior import DeepPrior
 from jax_seqgcn.models.resnet import BasicBlock, ResNet, ResNet18
-from jax_seqgcn.models.small_cnn import SmallCNN, torch_bias_init, torch_kernel_init
+from jax_seqgcn.models.small_cnn import SmallCNN, check_image_size, torch_bias_init
+from jax_seqgcn.models.small_cnn import torch_kernel_init
 from jax_seqgcn.models.vgg import VGG, VGG11
 
 LEARNERS: dict[str, type[nn.Module]] = {
@@ -24,7 +31,48 @@ LEARNERS: dict[str, type[nn.Module]] = {
 }
 
 
-def get_learner(name: str, *, num_classes: int, channels: int = 3, **kwargs) -> nn.Module:
+def _check_name(name: str) -> None:
+  if name not in LEARNERS:
+    raise ValueError(f"Unknown learner {name!r}; valid names: {sorted(LEARNERS)}")
+
+
+def min_image_size(name: str, **kwargs) -> int:
+  """Smallest image height and width the learner `name` takes (small_cnn 4, deepprior 32).
+
+  Args:
+    name: one of `LEARNERS`.
+    **kwargs: module attributes that change the architecture (e.g. `stages` for deepprior).
+  Returns:
+    The minimum size in pixels; resnet18 and vgg11 take any non-empty image (1).
+  """
+  _check_name(name)
+  return LEARNERS[name](**kwargs).min_image_size
+
+
+def check_input_shape(name: str, image_shape: Sequence[int], **kwargs) -> None:
+  """Checks that [H, W, C] images fit the learner `name`, before any data reaches it.
+
+  Call it once the dataset is known and before building or training the learner: a too small
+  image otherwise fails deep inside Flax (ZeroDivisionError) when the learner is first run.
+
+  Args:
+    name: one of `LEARNERS`.
+    image_shape: [H, W, C] of one image (e.g. `dataset.train_images.shape[1:]`).
+    **kwargs: module attributes that change the architecture (e.g. `stages` for deepprior).
+  Raises:
+    ValueError: unknown name, a shape that is not [H, W, C] with C >= 1, or images smaller than
+      the learner's minimum; the message names the learner and the minimum size.
+  """
+  image_shape = tuple(image_shape)
+  if len(image_shape) != 3:
+    raise ValueError(f"learner {name!r} takes images of shape [H, W, C]; got {image_shape}")
+  if image_shape[-1] < 1:
+    raise ValueError(f"learner {name!r} needs at least one channel; got shape {image_shape}")
+  check_image_size(image_shape, min_image_size(name, **kwargs), name)
+
+
+def get_learner(name: str, *, num_classes: int, channels: int = 3,
+                image_shape: Sequence[int] | None = None, **kwargs) -> nn.Module:
   """Builds a learner from `LEARNERS` by name.
 
   Args:
@@ -32,14 +80,21 @@ def get_learner(name: str, *, num_classes: int, channels: int = 3, **kwargs) -> 
     num_classes: output width. For "deepprior" this is 3 * J (e.g. 48 for ICVL's 16 joints) and
       must be divisible by 3.
     channels: input channels C of x [B, H, W, C]; checked at call time.
+    image_shape: optional [H, W, C] of the images; if given, checked now with
+      `check_input_shape` (and C against `channels`) instead of failing when first applied.
     **kwargs: further module attributes (e.g. `conv_features=(16, 32)` for small_cnn).
   Returns:
     An unbound `nn.Module` following the common learner interface.
   Raises:
-    ValueError: unknown name, or a deepprior output width not divisible by 3.
+    ValueError: unknown name, a deepprior output width not divisible by 3, or (with
+      `image_shape`) images the learner cannot take.
   """
-  if name not in LEARNERS:
-    raise ValueError(f"Unknown learner {name!r}; valid names: {sorted(LEARNERS)}")
+  _check_name(name)
+  if image_shape is not None:
+    check_input_shape(name, image_shape, **kwargs)
+    if image_shape[-1] != channels:
+      raise ValueError(f"learner {name!r} built for {channels} channels, but the images have "
+                       f"shape {tuple(image_shape)}")
   if name == "deepprior":
     if num_classes % 3:
       raise ValueError(f"deepprior outputs 3 coordinates per joint; num_classes={num_classes} "
@@ -57,7 +112,9 @@ __all__ = [
     "SmallCNN",
     "VGG",
     "VGG11",
+    "check_input_shape",
     "get_learner",
+    "min_image_size",
     "torch_bias_init",
     "torch_kernel_init",
 ]

@@ -30,7 +30,7 @@ import jax
 from flax import linen as nn
 
 from jax_seqgcn.models.resnet import batch_norm
-from jax_seqgcn.models.small_cnn import torch_conv, torch_dense
+from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
 
 # (kernel size, output channels, max-pool window) per conv stage.
 DEEPPRIOR_STAGES: tuple[tuple[int, int, int], ...] = ((5, 8, 4), (5, 16, 2), (3, 32, 2), (3, 64, 2))
@@ -50,6 +50,15 @@ class DeepPrior(nn.Module):
   hidden: Sequence[int] = (1024, 1024)
   in_channels: int | None = None
 
+  @property
+  def min_image_size(self) -> int:
+    """Smallest height and width for which every stage keeps at least one pixel (128: 32)."""
+    size = 1
+    for kernel, _, pool in reversed(self.stages):
+      size *= max(pool, 1)  # VALID max-pool: floor(in / pool) >= size
+      size = max(1, size - (2 * (kernel // 2) - kernel + 1))  # conv: out = in + 2 (k // 2) - k + 1
+    return size
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool):
     """Forward pass.
@@ -67,6 +76,7 @@ class DeepPrior(nn.Module):
       chex.assert_axis_dimension(x, 3, self.in_channels)
     if len(self.stages) != 4:
       raise ValueError(f"DeepPrior needs exactly 4 stages, got {len(self.stages)}")
+    check_image_size(x.shape, self.min_image_size, type(self).__name__)
     stage_outputs = []
     for index, (kernel, channels, pool) in enumerate(self.stages, start=1):
       x = torch_conv(channels, x.shape[-1], kernel, padding=kernel // 2, use_bias=False,

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.small_cnn import torch_conv, torch_dense
+from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
 
 
 def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
@@ -97,6 +97,11 @@ class ResNet(nn.Module):
   stage_features: Sequence[int] = (64, 128, 256, 512)
   in_channels: int | None = None
 
+  @property
+  def min_image_size(self) -> int:
+    """Smallest height and width: padded stride-2 convolutions keep >= 1 pixel of any input."""
+    return 1
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool):
     """Forward pass.
@@ -112,6 +117,7 @@ class ResNet(nn.Module):
     chex.assert_rank(x, 4)
     if self.in_channels is not None:
       chex.assert_axis_dimension(x, 3, self.in_channels)
+    check_image_size(x.shape, self.min_image_size, type(self).__name__)
     out = torch_conv(self.stage_features[0], x.shape[-1], 3, padding=1, use_bias=False,
                      name="stem_conv")(x)
     out = nn.relu(batch_norm(train, "stem_bn")(out))

@@ -93,6 +93,24 @@ def torch_dense(features: int, in_features: int, *, name: str | None = None) -> 
                   name=name)
 
 
+def check_image_size(image_shape: Sequence[int], min_size: int, learner: str) -> None:
+  """Raises a ValueError naming `learner` if images are smaller than min_size x min_size.
+
+  Without this check a too small input reaches a layer with no inputs and Flax fails deep inside
+  the initialiser (ZeroDivisionError).
+
+  Args:
+    image_shape: [..., H, W, C], e.g. a batch shape [B, H, W, C] or one image [H, W, C].
+    min_size: smallest height and width the learner takes.
+    learner: the learner's name, for the message.
+  """
+  height, width = image_shape[-3], image_shape[-2]
+  if min(height, width) < min_size:
+    why = "its pooling would leave no pixel" if min_size > 1 else "images must not be empty"
+    raise ValueError(f"learner {learner!r} needs images of at least {min_size}x{min_size} "
+                     f"pixels ({why}); got {height}x{width}")
+
+
 def _max_pool2(x: jax.Array) -> jax.Array:
   # torch MaxPool2d(2) floors odd sizes; VALID does the same.
   return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
@@ -112,6 +130,11 @@ class SmallCNN(nn.Module):
   hidden: int = 128
   in_channels: int | None = None
 
+  @property
+  def min_image_size(self) -> int:
+    """Smallest height and width: the two 2x2 max-pools must leave at least one pixel."""
+    return 4
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False):
     """Forward pass.
@@ -128,6 +151,7 @@ class SmallCNN(nn.Module):
     chex.assert_rank(x, 4)
     if self.in_channels is not None:
       chex.assert_axis_dimension(x, 3, self.in_channels)
+    check_image_size(x.shape, self.min_image_size, type(self).__name__)
     c1, c2 = self.conv_features
     conv1 = nn.relu(torch_conv(c1, x.shape[-1], name="conv1")(x))
     pool1 = _max_pool2(conv1)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jax_seqgcn.models.resnet import batch_norm
-from jax_seqgcn.models.small_cnn import torch_conv, torch_dense
+from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
 
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -46,6 +46,11 @@ class VGG(nn.Module):
   cfg: Sequence[int | str] = VGG11_CFG
   in_channels: int | None = None
 
+  @property
+  def min_image_size(self) -> int:
+    """Smallest height and width: "SAME" (ceil-mode) max-pools keep >= 1 pixel of any input."""
+    return 1
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool):
     """Forward pass.
@@ -61,6 +66,7 @@ class VGG(nn.Module):
     chex.assert_rank(x, 4)
     if self.in_channels is not None:
       chex.assert_axis_dimension(x, 3, self.in_channels)
+    check_image_size(x.shape, self.min_image_size, type(self).__name__)
     pooled = []
     conv_index = 0
     for layer in self.cfg:
