@@ -146,12 +146,10 @@ def _check_data(config, dataset) -> None:
   if task == "regression" and (targets.ndim != 2 or targets.shape[1] % 3):
     raise ConfigError(f"learner.task is regression but {config.data.name}'s targets have shape "
                       f"{targets.shape} (need [N, J*3] joint coordinates)")
-  check_input = getattr(models, "check_input_shape", None)
-  if check_input is not None:
-    try:
-      check_input(config.learner.name, dataset.train_images.shape[1:])
-    except ValueError as err:
-      raise ConfigError(str(err)) from err
+  try:
+    models.check_input_shape(config.learner.name, dataset.train_images.shape[1:])
+  except ValueError as err:
+    raise ConfigError(str(err)) from err
 
 
 def sampler_options(config) -> dict:
@@ -307,7 +305,8 @@ def _load_data(config) -> data_lib.Dataset:
   try:
     return data_lib.load_dataset(config.data.name, source=config.data.source,
                                  data_dir=config.data.data_dir, path=config.data.path)
-  except (ValueError, OSError) as err:
+  except (ValueError, OSError, ImportError) as err:
+    # ImportError: tfds without TensorFlow; the message says what to install.
     raise RunError(f"data: {err}") from err
 
 

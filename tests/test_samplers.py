@@ -1,4 +1,4 @@
-"""Tests of the sampler registry, selection rules and shared properties."""
+"""Tests of the sampler registry, the selection rules, and what every sampler guarantees."""
 
 import jax
 import numpy as np

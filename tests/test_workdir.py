@@ -180,3 +180,13 @@ def test_main_reports_data_errors_in_one_line(tmp_path):
   out = subprocess.run(_main(tmp_path / "w2", bad), capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and "Traceback" not in out.stderr and str(bad) in out.stderr
   shutil.rmtree(tmp_path / "w", ignore_errors=True)
+
+
+def test_images_too_small_for_the_learner_fail_before_training(tmp_path, monkeypatch):
+  _no_training(monkeypatch)
+  rng = np.random.default_rng(0)
+  path = tmp_path / "tiny_images.npz"
+  np.savez(path, images=rng.integers(0, 255, (60, 2, 2, 1), dtype=np.uint8),
+           targets=np.arange(60) % 3)
+  with pytest.raises(loop.ConfigError, match="small_cnn"):
+    loop.run(tiny_config(str(path), al__initial=10, al__budget=5, al__subset=20), tmp_path / "w")
