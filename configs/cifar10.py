@@ -1,4 +1,4 @@
-"""CIFAR-10, ResNet-18, the paper's protocol (SPEC §1): 1,000 + 9 x 1,000 labels, 5 trials."""
+"""CIFAR-10, ResNet-18, the paper's protocol (protocol §1): 1,000 + 9 x 1,000 labels, 5 trials."""
 
 from configs import default
 

@@ -1,4 +1,4 @@
-"""CIFAR-100, ResNet-18: initial = budget = 2,000 (SPEC §1), CIFAR-10 normalisation (SPEC §2)."""
+"""CIFAR-100, ResNet-18: initial = budget = 2,000 (protocol §1), CIFAR-10 normalisation (protocol §2)."""
 
 from configs import default
 

@@ -1,4 +1,4 @@
-"""Default experiment config: the paper's CIFAR-10 protocol (SPEC §1-§3).
+"""Default experiment config: the paper's CIFAR-10 protocol (protocol §1-§3).
 
 Override on the command line, e.g. `--config.sampler.name=CoreGCN --config.al.trials=3`.
 """
@@ -24,7 +24,7 @@ def get_config():
   config.learner.name = "resnet18"  # resnet18 | vgg11 | deepprior | small_cnn
   config.learner.task = "classification"  # classification | regression
 
-  config.train = ml_collections.ConfigDict()  # SPEC §2
+  config.train = ml_collections.ConfigDict()  # protocol §2
   config.train.epochs = 200
   config.train.batch_size = 128
   config.train.learning_rate = 0.1
@@ -34,7 +34,7 @@ def get_config():
   config.train.gamma = 0.1
   config.train.eval_batch_size = 256  # test and embedding extraction batches
 
-  config.al = ml_collections.ConfigDict()  # SPEC §1
+  config.al = ml_collections.ConfigDict()  # protocol §1
   config.al.trials = 5
   config.al.cycles = 10
   config.al.initial = 1000  # random labelled set of cycle 0

@@ -1,4 +1,4 @@
-"""Fashion-MNIST, ResNet-18 with a 1-channel stem, the paper's protocol (SPEC §1-§2).
+"""Fashion-MNIST, ResNet-18 with a 1-channel stem, the paper's protocol (protocol §1-§2).
 
 Reads the offline IDX files when present (apt-get install dataset-fashion-mnist), else tfds.
 """

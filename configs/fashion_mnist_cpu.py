@@ -1,4 +1,4 @@
-"""CPU-scale Fashion-MNIST run on the real IDX files: SPEC §9, comparable with the reference.
+"""CPU-scale Fashion-MNIST run on the real IDX files: protocol §9, comparable with the reference.
 
 Pool = 60,000 training images, test = 10,000; initial 500, budget 500, subset 5,000, 6 cycles;
 small CNN; SGD lr 0.05, momentum 0.9, weight decay 5e-4, batch 64, 15 epochs, lr x0.1 at epoch

@@ -1,4 +1,4 @@
-"""SVHN (tfds svhn_cropped), ResNet-18, pixels scaled to [0, 1] without augmentation (SPEC §2)."""
+"""SVHN (tfds svhn_cropped), ResNet-18, pixels scaled to [0, 1] without augmentation (protocol §2)."""
 
 from configs import default
 

@@ -1,6 +1,6 @@
 """Learner training throughput (images/s) with `jax_seqgcn.train.fit`; prints JSON.
 
-Cases (SPEC §8 gives the scale: on our 2-core CPU, ResNet-18 trains at ~25 images/s in
+Cases (protocol §8 gives the scale: on our 2-core CPU, ResNet-18 trains at ~25 images/s in
 Flax and ~40 in PyTorch):
   * resnet18, batch 128, 32x32x3 (CIFAR preprocessing, augmentation on);
   * small_cnn, batch 64 and 128, 28x28x1 (Fashion-MNIST preprocessing).

@@ -19,7 +19,7 @@ and the *_cpu_s fields give this process's CPU seconds (all threads) for the sam
   python experiments/bench_sampler.py --stages coreset_kcenter --samplers BADGE,CoreSet \
       --option CoreGCN:steps=50 --warm-repeats 3
 
-Reference on our 2-core machine (issue 2): 120-250 s for the UncertainGCN stage and 7-14 s for
+Reference on our 2-core machine: 120-250 s for the UncertainGCN stage and 7-14 s for
 the k-center. Goals: UncertainGCN stage <= 15 s, k-center <= 1.5 s, BADGE no slower than the
 k-center on the same features.
 """

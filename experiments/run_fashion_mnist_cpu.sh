@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU-scale comparison of SPEC §9 on the real Fashion-MNIST: the four samplers, 3 trials each,
+# The CPU-scale comparison of protocol §9 on the real Fashion-MNIST: the four samplers, 3 trials each,
 # then one table and one plot under docs/. Resumable: rerun to continue after an interruption.
 #   bash experiments/run_fashion_mnist_cpu.sh [RUNS_DIR]
 set -euo pipefail
@@ -12,4 +12,4 @@ for sampler in Random CoreSet UncertainGCN CoreGCN; do
 done
 python experiments/plot.py "$runs"/Random "$runs"/CoreSet "$runs"/UncertainGCN "$runs"/CoreGCN \
   --out docs/fashion_mnist_cpu.png --table docs/fashion_mnist_cpu.md \
-  --title "Fashion-MNIST (CPU scale, SPEC §9): mean ± std over 3 trials"
+  --title "Fashion-MNIST (CPU scale, protocol §9): mean ± std over 3 trials"

@@ -4,7 +4,7 @@ Everything here is a pure function of a PRNG key and a batch of raw images, mean
 inside `jax.jit` (the training epoch in `train.py` calls it once per step), so the
 labelled images can stay on device as uint8 and never round-trip through the host.
 
-Per dataset (SPEC §2):
+Per dataset (protocol §2):
   * CIFAR-10 / CIFAR-100: random crop 32 from the image zero-padded by 4 pixels on each
     side and a random horizontal flip (training only), then pixels / 255 and
     `(x - mean) / std` with CIFAR-10's statistics (the reference uses them for CIFAR-100
@@ -51,7 +51,7 @@ _PLAIN = PreprocessSpec()
 
 PREPROCESSING = {
     "cifar10": _CIFAR,
-    "cifar100": _CIFAR,  # CIFAR-10 statistics on purpose, as the reference (SPEC §2).
+    "cifar100": _CIFAR,  # CIFAR-10 statistics on purpose, as the reference (protocol §2).
     "svhn_cropped": _PLAIN,
     "fashion_mnist": _PLAIN,
     "npz": _PLAIN,

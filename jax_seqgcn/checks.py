@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # A column sum of S - I is a sum of N - 1 cosine similarities; below this fraction of N it is
-# degenerate (orthogonal or all-zero feature rows) and dividing by it explodes (SPEC §7).
+# degenerate (orthogonal or all-zero feature rows) and dividing by it explodes (protocol §7).
 COLUMN_SUM_TOLERANCE = 1e-6
 
 

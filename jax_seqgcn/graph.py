@@ -1,6 +1,6 @@
 """Similarity graph and graph convolutional network of the sequential GCN sampler.
 
-Implements SPEC §3 (paper Eqs. 4-6, reference `aff_to_adj`, `GCN`, `BCEAdjLoss`):
+Implements protocol §3 (paper Eqs. 4-6, reference `aff_to_adj`, `GCN`, `BCEAdjLoss`):
 
 * `normalized_adjacency`: A = (S - I) D^-1 + I with S = V V^T over L2-normalised rows V and
   D = diag of the column sums of S - I (columns normalised, exactly as the reference; the paper
@@ -30,7 +30,7 @@ _LOG = logging.getLogger(__name__)
 
 
 class FactoredAdjacency(NamedTuple):
-  """The normalised adjacency of SPEC §3 kept in factored form (no N x N array).
+  """The normalised adjacency of protocol §3 kept in factored form (no N x N array).
 
   Attributes:
     unit_features: [num_nodes, dim] L2-normalised node features V.
@@ -128,7 +128,7 @@ def _dense_adjacency(unit_features):
 
 
 def normalized_adjacency(features: jax.Array) -> jax.Array:
-  """Dense normalised similarity graph of SPEC §3 (reference `aff_to_adj`).
+  """Dense normalised similarity graph of protocol §3 (reference `aff_to_adj`).
 
   Rows of `features` are L2-normalised to V; S = V V^T - I; each column j is divided by its sum
   d_j; then I is added back, so every column of A sums to 2.
@@ -220,7 +220,7 @@ class GraphConv(nn.Module):
 
 
 class GCN(nn.Module):
-  """The sampler's GCN (SPEC §3, paper Eq. 5, reference `GCN`).
+  """The sampler's GCN (protocol §3, paper Eq. 5, reference `GCN`).
 
   Layers `gc1` (dim -> hidden), `gc2` (hidden -> hidden, only with num_layers=3) and `gc3`
   (-> 1 logit), ReLU and dropout after each hidden layer, sigmoid on the logit.
@@ -228,7 +228,7 @@ class GCN(nn.Module):
   Attributes:
     hidden: hidden width h (reference default 128; the paper's text says 512).
     dropout_rate: dropout after each hidden layer, training mode only.
-    num_layers: 1, 2 (default) or 3 graph convolutions (SPEC §5 ablation).
+    num_layers: 1, 2 (default) or 3 graph convolutions (protocol §5 ablation).
     param_dtype: dtype of the weights.
   """
   hidden: int = GCN_DEFAULTS["hidden"]

@@ -1,4 +1,4 @@
-"""Greedy k-center selection (CoreSet, Sener & Savarese 2018; SPEC §4).
+"""Greedy k-center selection (CoreSet, Sener & Savarese 2018; protocol §4).
 
 `k_center_greedy` keeps one [N] vector of distances to the nearest centre and never forms an
 N x N matrix. Distances are Euclidean and computed from exact differences sqrt(sum((x - c)^2)):
@@ -103,7 +103,7 @@ def k_center_greedy(features: jax.Array, is_centre: jax.Array, budget: int, *,
                     key: Optional[jax.Array] = None) -> jax.Array:
   """Greedy k-center: `budget` picks, each the node farthest from its nearest centre.
 
-  SPEC §4: min_dist_i starts as the distance from node i to the nearest initial centre; each
+  protocol §4: min_dist_i starts as the distance from node i to the nearest initial centre; each
   step picks argmax_i min_dist_i (first index on ties) among non-centres and updates min_dist
   with distances to the pick. Euclidean, no N x N matrix, one compile per (shape, budget).
 

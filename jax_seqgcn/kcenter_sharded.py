@@ -1,4 +1,4 @@
-"""Greedy k-center over a pool sharded across devices (SPEC §4, multi-device `k_center_greedy`).
+"""Greedy k-center over a pool sharded across devices (protocol §4, multi-device `k_center_greedy`).
 
 The node axis is split over the 1-D mesh axis 'data' with `jax.shard_map`: each device holds
 N / devices rows of the features and of min_dist, so no device ever holds all features, let

@@ -1,4 +1,4 @@
-"""The active learning experiment (SPEC §1): trials x cycles, checkpointed after every cycle.
+"""The active learning experiment (protocol §1): trials x cycles, checkpointed after every cycle.
 
 Each cycle: a fresh learner is trained on the labelled set and tested; then (except in the last
 cycle) a random `subset` of the unlabelled pool (or the whole pool) and the labelled set are

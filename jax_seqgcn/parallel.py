@@ -30,7 +30,7 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
   """Joins this process to a multi-process JAX job; call before any other JAX call.
 
   On CPU, cross-process collectives need an implementation; gloo works on localhost and
-  across hosts (SPEC §8). The setting only affects the CPU backend, so it is harmless on GPU.
+  across hosts (protocol §8). The setting only affects the CPU backend, so it is harmless on GPU.
 
   Args:
     coordinator_address: "host:port" of process 0's coordinator, e.g. "127.0.0.1:12345".

@@ -1,7 +1,7 @@
 """DeepPrior-style regression CNN for 3D hand pose (Oberweger et al., 2015), the paper's ICVL learner.
 
 Input is a 128x128x1 normalised depth crop; output the J x 3 joint coordinates, flattened
-joint-major as [x_0, y_0, z_0, x_1, ...] (ICVL: J = 16 -> 48 outputs); the loss (SPEC §2, Eq. 2,
+joint-major as [x_0, y_0, z_0, x_1, ...] (ICVL: J = 16 -> 48 outputs); the loss (protocol §2, Eq. 2,
 mean over joints of the squared error) lives in the training code.
 
 Default architecture (sizes for 128x128 input):

@@ -1,4 +1,4 @@
-"""ResNet-18, CIFAR variant (SPEC §2), matching the PyTorch reference layer for layer.
+"""ResNet-18, CIFAR variant (protocol §2), matching the PyTorch reference layer for layer.
 
     stem   conv3x3(C->64, stride 1, pad 1, no bias) + BN + ReLU        (no max-pool)
     stage1 2 x BasicBlock(64,  stride 1)                               -> [B, 32, 32, 64]

@@ -1,4 +1,4 @@
-"""The small CNN learner of the CPU-scale Fashion-MNIST protocol (SPEC §9), and torch-style inits.
+"""The small CNN learner of the CPU-scale Fashion-MNIST protocol (protocol §9), and torch-style inits.
 
 Architecture (defaults, 28x28x1 input):
 
@@ -117,7 +117,7 @@ def _max_pool2(x: jax.Array) -> jax.Array:
 
 
 class SmallCNN(nn.Module):
-  """Two conv+pool stages and a 128-d hidden layer (SPEC §9 "small CNN"); no BatchNorm.
+  """Two conv+pool stages and a 128-d hidden layer (protocol §9 "small CNN"); no BatchNorm.
 
   Attributes:
     num_classes: width of the logits.

@@ -13,7 +13,7 @@ spatial positions (1x1 for both input sizes), so other sizes work too.
 Trainable parameters for 10 classes, RGB: 9,231,114 (convs 9,220,480, BN 5,504, head 5,130);
 1-channel stem: 9,229,962.
 
-Differences from the reference repository's `vgg11()`, which follow SPEC/brief on purpose: the
+Differences from the reference repository's `vgg11()`, which follow docs/protocol.md on purpose: the
 reference has no BatchNorm, a dropout MLP head (512-512-512-10) and normal(0, sqrt(2/fan_out))
 conv init; here BN is used, the head is one Dense layer, there is no dropout, and all kernels use
 torch's default init.
