@@ -6,6 +6,7 @@ what it needs. One module per family:
 
 * `basic`: Random, CoreSet.
 * `gcn`: UncertainGCN, CoreGCN, UncertainDiscriminator (and the GCN ablations as options).
+* `featprop`: FeatProp (k-medoids of the unlabelled nodes on graph-propagated features).
 * `uncertainty`: Entropy, Margin, LeastConfidence on the learner's class probabilities.
 * `badge`: BADGE, k-means++ seeding on last-layer gradient embeddings (features + probabilities).
 
@@ -19,6 +20,7 @@ budget)`.
 from jax_seqgcn.samplers import base
 from jax_seqgcn.samplers import basic
 from jax_seqgcn.samplers import gcn
+from jax_seqgcn.samplers import featprop
 from jax_seqgcn.samplers import uncertainty
 from jax_seqgcn.samplers import badge  # pylint: disable=g-bad-import-order (registry order)
 from jax_seqgcn.samplers.base import POOL_FIELDS
