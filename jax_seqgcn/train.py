@@ -30,6 +30,10 @@ take part in BatchNorm's batch statistics (as real images, never padding garbage
 in the loss, which is the mean over the real examples of each batch (torch's smaller last
 batch gives the same loss). Per-step augmentation keys are
 `jax.random.fold_in(key, state.step)`.
+
+Learning Loss. `fit(..., loss_prediction=LossPrediction(...))` trains a LossNet jointly with
+the learner (see `jax_seqgcn.loss_prediction`); the state then also holds `loss_net` and
+`loss_net_params`, and `forward_pool` adds the predicted losses to its single eval pass.
 """
 
 import functools
@@ -42,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 
 from jax_seqgcn import augment
+from jax_seqgcn import loss_prediction as loss_prediction_lib
 from jax_seqgcn import parallel
 from jax_seqgcn.models import conv
 
@@ -61,10 +67,19 @@ DEFAULTS = {
 # Python-side trace counters (tests use them to assert "no recompile").
 TRACE_COUNTS = {"epoch": 0, "step": 0, "forward": 0}
 
+LossPrediction = loss_prediction_lib.LossPrediction
+
 
 class TrainState(train_state.TrainState):
-  """Flax TrainState plus the BatchNorm statistics ({} for nets without BatchNorm)."""
+  """Flax TrainState plus the BatchNorm statistics ({} for nets without BatchNorm).
+
+  With Learning Loss (`fit(..., loss_prediction=...)`), also the LossNet: `loss_net` (the
+  module, static) and `loss_net_params`, and `opt_state` is over `(params, loss_net_params)`.
+  Both are None for a plain learner.
+  """
   batch_stats: Any
+  loss_net_params: Any = None
+  loss_net: Any = struct.field(pytree_node=False, default=None)
 
 
 def _check_task(task: str) -> None:
@@ -144,16 +159,23 @@ def _key_data(key) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _init_fn(model, input_shape, tx, mesh):
+def _init_fn(model, input_shape, tx, mesh, loss_net):
   info = {}
 
   def init(key_data):
     x = jnp.zeros((1,) + input_shape, jnp.float32)
-    (outputs, embedding, _), variables = model.init_with_output(
-        {"params": jax.random.wrap_key_data(key_data)}, x, train=False)
+    key = jax.random.wrap_key_data(key_data)
+    (outputs, embedding, stage_features), variables = model.init_with_output(
+        {"params": key}, x, train=False)
     info.update(output_dim=outputs.shape[-1], embedding_dim=embedding.shape[-1])
-    return TrainState.create(apply_fn=_apply_fn(model), params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}))
+    state = TrainState.create(apply_fn=_apply_fn(model), params=variables["params"], tx=tx,
+                              batch_stats=variables.get("batch_stats", {}))
+    if loss_net is None:
+      return state
+    # A key of its own: the learner's initialisation stays that of a plain fit.
+    loss_net_params = loss_net.init(jax.random.fold_in(key, 2), stage_features)["params"]
+    return state.replace(loss_net=loss_net, loss_net_params=loss_net_params,
+                         opt_state=tx.init((state.params, loss_net_params)))
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh)), info
 
@@ -161,7 +183,7 @@ def _init_fn(model, input_shape, tx, mesh):
 def init_train_state(key: jax.Array, model, input_shape: Sequence[int], *,
                      task: str = "classification", learning_rate: Optional[float] = None,
                      momentum: Optional[float] = None, weight_decay: Optional[float] = None,
-                     mesh=None) -> TrainState:
+                     mesh=None, loss_prediction: Optional[LossPrediction] = None) -> TrainState:
   """Fresh learner variables and optimiser state, replicated on the mesh.
 
   Args:
@@ -170,16 +192,22 @@ def init_train_state(key: jax.Array, model, input_shape: Sequence[int], *,
     input_shape: (H, W, C) of one preprocessed image.
     task, learning_rate, momentum, weight_decay: see `make_optimizer`; None = `DEFAULTS`.
     mesh: data mesh; None = `parallel.make_mesh()` (all devices).
+    loss_prediction: if set, the state also holds a fresh LossNet of that width (the
+      learner's parameters are the same as without it).
   Returns:
     `TrainState` with step 0.
   """
+  loss_net = None
+  if loss_prediction is not None:
+    loss_net = loss_prediction_lib.make_loss_net(loss_prediction_lib.resolve(loss_prediction, 1))
   state, _ = _init_with_info(key, model, input_shape, task=task, learning_rate=learning_rate,
-                             momentum=momentum, weight_decay=weight_decay, mesh=mesh)
+                             momentum=momentum, weight_decay=weight_decay, mesh=mesh,
+                             loss_net=loss_net)
   return state
 
 
 def _init_with_info(key, model, input_shape, *, task, learning_rate, momentum, weight_decay,
-                    mesh):
+                    mesh, loss_net=None):
   _check_task(task)
   _check_hashable(model)
   defaults = DEFAULTS[task]
@@ -189,7 +217,7 @@ def _init_with_info(key, model, input_shape, *, task, learning_rate, momentum, w
       momentum=float(defaults["momentum"] if momentum is None else momentum),
       weight_decay=float(defaults["weight_decay"] if weight_decay is None else weight_decay))
   mesh = parallel.make_mesh() if mesh is None else mesh
-  init, info = _init_fn(model, tuple(int(d) for d in input_shape), tx, mesh)
+  init, info = _init_fn(model, tuple(int(d) for d in input_shape), tx, mesh, loss_net)
   return init(_key_data(key)), info
 
 
@@ -211,26 +239,51 @@ def per_example_loss(outputs: jax.Array, targets: jax.Array, *, task: str) -> ja
   return jnp.mean(jnp.sum(diff**2, axis=-1), axis=-1)
 
 
-def _train_step(state, images, targets, weights, rng, *, model, task, spec, batch_sharding):
-  """One SGD step on a [B, ...] raw batch; `weights` [B] are 1 (real) or 0 (filler)."""
+def _train_step(state, images, targets, weights, rng, *, model, task, spec, batch_sharding,
+                loss_prediction=None, detached=False):
+  """One SGD step on a [B, ...] raw batch; `weights` [B] are 1 (real) or 0 (filler).
+
+  With `loss_prediction` (`loss_prediction.JointSettings`, may be traced), a joint learner +
+  LossNet step; `detached` (a traced bool) puts the stage features behind stop_gradient for
+  the LossNet.
+  """
   TRACE_COUNTS["step"] += 1
+  if (loss_prediction is None) != (state.loss_net_params is None):
+    raise ValueError("A state holding a LossNet is trained with fit(..., loss_prediction=...) "
+                     "and a plain state without it.")
   constrain = lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
   images, targets, weights = constrain(images), constrain(targets), constrain(weights)
   x = augment.apply_spec(rng, images, spec, train=True)
 
-  def loss_fn(params):
+  def loss_fn(params, loss_net_params):
     variables = {"params": params}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
-    (outputs, _, _), mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    (outputs, _, stage_features), mutated = model.apply(variables, x, train=True,
+                                                        mutable=["batch_stats"])
     losses = per_example_loss(outputs, targets, task=task)
     loss_sum = jnp.sum(weights * losses)
-    return loss_sum / jnp.maximum(jnp.sum(weights), 1.0), (mutated, outputs, loss_sum)
+    objective = loss_sum / jnp.maximum(jnp.sum(weights), 1.0)
+    ranking = None
+    if loss_prediction is not None:
+      ranking, _ = loss_prediction_lib.ranking_term(
+          state.loss_net, loss_net_params, stage_features, losses, weights,
+          margin=loss_prediction.margin, detached=detached)
+      objective = objective + loss_prediction.weight * ranking
+    return objective, (mutated, outputs, loss_sum, ranking)
 
-  grads, (mutated, outputs, loss_sum) = jax.grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=mutated.get("batch_stats", state.batch_stats))
-  metrics = {"loss_sum": loss_sum, "count": jnp.sum(weights)}
+  batch_stats = lambda mutated: mutated.get("batch_stats", state.batch_stats)
+  if loss_prediction is None:
+    grads, (mutated, outputs, loss_sum, _) = jax.grad(loss_fn, has_aux=True)(state.params,
+                                                                               None)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats(mutated))
+    metrics = {"loss_sum": loss_sum, "count": jnp.sum(weights)}
+  else:
+    (grads, loss_net_grads), (mutated, outputs, loss_sum, ranking) = jax.grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.loss_net_params)
+    state = loss_prediction_lib.apply_joint_gradients(state, grads, loss_net_grads,
+                                                      batch_stats=batch_stats(mutated))
+    metrics = {"loss_sum": loss_sum, "count": jnp.sum(weights), "ranking_sum": ranking}
   if task == "classification":
     hits = (jnp.argmax(outputs, axis=-1) == targets).astype(jnp.float32)
     metrics["correct"] = jnp.sum(weights * hits)
@@ -261,8 +314,8 @@ def epoch_order(key: jax.Array, num_real, capacity: int):
   return jnp.where(is_real, permutation, fillers), is_real.astype(jnp.float32)
 
 
-def _train_epoch(state, images, targets, num_real, key_data, epoch, learning_rate, *, model,
-                 task, spec, batch_size, batch_sharding):
+def _train_epoch(state, images, targets, num_real, key_data, epoch, learning_rate,
+                 loss_prediction, *, model, task, spec, batch_size, batch_sharding):
   TRACE_COUNTS["epoch"] += 1
   key = jax.random.wrap_key_data(key_data)
   shuffle_key = jax.random.fold_in(jax.random.fold_in(key, 0), epoch)
@@ -278,23 +331,33 @@ def _train_epoch(state, images, targets, num_real, key_data, epoch, learning_rat
     rng = jax.random.fold_in(augment_key, state.step)
     state, metrics = _train_step(state, images[batch_indices], targets[batch_indices],
                                  batch_weights, rng, model=model, task=task, spec=spec,
-                                 batch_sharding=batch_sharding)
+                                 batch_sharding=batch_sharding, loss_prediction=loss_prediction,
+                                 detached=detached)
     return state, jax.tree.map(jnp.add, sums, metrics)
 
   zeros = {"loss_sum": 0.0, "count": 0.0}
   if task == "classification":
     zeros["correct"] = 0.0
+  detached = False
+  if loss_prediction is not None:
+    zeros["ranking_sum"] = 0.0
+    # Traced (epoch and detach_epoch are arguments): the switch costs no recompile.
+    detached = epoch >= loss_prediction.detach_epoch
   zeros = jax.tree.map(lambda z: jnp.zeros((), jnp.float32), zeros)
   state, sums = jax.lax.fori_loop(0, num_steps, body, (state, zeros))
   count = jnp.maximum(sums["count"], 1.0)
   metrics = {"loss": sums["loss_sum"] / count, "learning_rate": jnp.float32(learning_rate)}
   if task == "classification":
     metrics["accuracy"] = sums["correct"] / count
+  if loss_prediction is not None:
+    metrics["ranking_loss"] = sums["ranking_sum"] / jnp.maximum(num_steps, 1)
   return state, metrics
 
 
 @functools.lru_cache(maxsize=32)
 def _epoch_fn(model, task, spec, batch_size, mesh):
+  # `loss_prediction` is None or `JointSettings` arrays: its structure (not its values) is
+  # part of the trace, so a plain and a joint fit compile once each.
   fn = functools.partial(_train_epoch, model=model, task=task, spec=spec,
                          batch_size=batch_size, batch_sharding=parallel.data_sharding(mesh))
   rep = parallel.replicated(mesh)
@@ -313,7 +376,8 @@ def make_train_step(model, *, task: str = "classification", preprocessing=None, 
     `step(state, images, targets, weights, key) -> (state, metrics)`: images [B, H, W, C]
     raw, targets [B] or [B, K], weights [B] float (1 real / 0 filler), all sharded
     `P('data')`; key a PRNG key (per-step rng `fold_in(key, state.step)`); state donated.
-    metrics: dict of scalar sums 'loss_sum', 'count' (+ 'correct').
+    metrics: dict of scalar sums 'loss_sum', 'count' (+ 'correct'). Plain learners only: a
+    state holding a LossNet is trained by `fit(..., loss_prediction=...)`.
   """
   _check_task(task)
   _check_hashable(model)
@@ -372,7 +436,8 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
         learning_rate: Optional[float] = None, momentum: Optional[float] = None,
         weight_decay: Optional[float] = None, milestones: Optional[Sequence[int]] = None,
         gamma: Optional[float] = None, preprocessing=None, mesh=None,
-        progress: Optional[Callable[[int, int, dict], None]] = None) -> TrainState:
+        progress: Optional[Callable[[int, int, dict], None]] = None,
+        loss_prediction: Optional[LossPrediction] = None) -> TrainState:
   """Trains a fresh learner on a labelled set (see the module docstring for the semantics).
 
   Args:
@@ -390,9 +455,20 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
     mesh: data mesh; None = `parallel.make_mesh()` (all devices of all processes).
     progress: optional `progress(epoch, num_epochs, metrics)` called after each epoch
       (epoch counted from 1; metrics: Python floats 'loss', 'learning_rate' and, for
-      classification, 'accuracy' on the augmented training batches). See `text_progress`.
+      classification, 'accuracy' on the augmented training batches; with loss prediction
+      also 'ranking_loss', the mean over the epoch's steps). See `text_progress`.
+    loss_prediction: None (a plain learner), or `LossPrediction(weight, margin, detach_epoch,
+      hidden)` to train a LossNet jointly (Learning Loss): loss = mean task loss + weight *
+      ranking loss, one optimiser with the same settings and lr schedule for both (as the
+      reference's two SGD optimisers). From the 0-based epoch `detach_epoch` on, the stage
+      features reach the LossNet through stop_gradient; None = 60% of `epochs`, as the
+      reference, which detaches at epoch 120 of 200. The switch is a traced flag inside the
+      jitted epoch: no extra compile. See `jax_seqgcn.loss_prediction`.
   Returns:
-    The trained `TrainState` (replicated on the mesh).
+    The trained `TrainState` (replicated on the mesh); with `loss_prediction` it also holds
+    the LossNet (`loss_net`, `loss_net_params`).
+  Raises:
+    ValueError: bad inputs or settings (e.g. a negative loss-prediction weight).
   """
   _check_task(task)
   defaults = DEFAULTS[task]
@@ -402,6 +478,8 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
   gamma = defaults["gamma"] if gamma is None else gamma
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}.")
+  if loss_prediction is not None:
+    loss_prediction = loss_prediction_lib.resolve(loss_prediction, epochs)
   mesh = parallel.make_mesh() if mesh is None else mesh
   spec = augment.as_spec(preprocessing)
   images, targets = np.asarray(images), np.asarray(targets)
@@ -411,7 +489,8 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
 
   state, info = _init_with_info(key, model, images.shape[1:], task=task,
                                 learning_rate=learning_rate, momentum=momentum,
-                                weight_decay=weight_decay, mesh=mesh)
+                                weight_decay=weight_decay, mesh=mesh,
+                                loss_net=loss_prediction_lib.make_loss_net(loss_prediction))
   if task == "classification" and targets.max() >= info["output_dim"]:
     raise ValueError(f"label {targets.max()} out of range for a model with "
                      f"{info['output_dim']} outputs.")
@@ -422,12 +501,14 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
       np.pad(images, pad + [(0, 0)] * (images.ndim - 1)),
       np.pad(targets, pad + [(0, 0)] * (targets.ndim - 1))))
   epoch_fn = _epoch_fn(model, task, spec, int(batch_size), mesh)
+  settings = (None if loss_prediction is None
+              else loss_prediction_lib.joint_settings(loss_prediction))
   key_data = _key_data(jax.random.fold_in(key, 1))
   for epoch in range(epochs):
     lr = learning_rate_at_epoch(epoch, learning_rate=learning_rate, milestones=milestones,
                                 gamma=gamma)
     state, metrics = epoch_fn(state, device_images, device_targets, np.int32(num_real),
-                              key_data, np.int32(epoch), np.float32(lr))
+                              key_data, np.int32(epoch), np.float32(lr), settings)
     if progress is not None:
       progress(epoch + 1, epochs, {k: float(v) for k, v in parallel.to_host(metrics).items()})
   return state
@@ -441,21 +522,28 @@ def _variables(state: TrainState) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _forward_fn(model, spec, mesh):
+def _forward_fn(model, spec, mesh, loss_net=None):
   def forward(variables, images):
     TRACE_COUNTS["forward"] += 1
     x = augment.apply_spec(None, images, spec, train=False)
     # Top level (no loop): XLA's own convolution is the fast one here, even on CPU.
     with conv.impl_scope("xla"):
-      outputs, embedding, _ = model.apply(variables, x, train=False)
-    return outputs, embedding
+      outputs, embedding, stage_features = model.apply(variables["learner"], x, train=False)
+    if loss_net is None:
+      return outputs, embedding
+    return outputs, embedding, loss_net.apply({"params": variables["loss_net"]}, stage_features)
 
   return jax.jit(forward, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 
-def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh):
-  """Eval-mode (outputs [M, ...], embeddings [M, D]) as NumPy over fixed-size batches."""
+def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
+             with_losses=False):
+  """Eval-mode (outputs [M, ...], embeddings [M, D]) as NumPy over fixed-size batches.
+
+  With `with_losses` (a state holding a LossNet), also the predicted losses [M], from the
+  same pass.
+  """
   _check_hashable(model)
   mesh = parallel.make_mesh() if mesh is None else mesh
   images = np.asarray(images)
@@ -464,8 +552,11 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh):
              else np.asarray(indices, dtype=np.int64).reshape(-1))
   if indices.size and (indices.min() < -images.shape[0] or indices.max() >= images.shape[0]):
     raise ValueError(f"indices out of range for {images.shape[0]} images.")
-  fn = _forward_fn(model, augment.as_spec(preprocessing), mesh)
-  variables = _variables(state)
+  loss_net = state.loss_net if with_losses else None
+  fn = _forward_fn(model, augment.as_spec(preprocessing), mesh, loss_net)
+  variables = {"learner": _variables(state)}
+  if loss_net is not None:
+    variables["loss_net"] = state.loss_net_params
   results = []
   for start in range(0, indices.size, batch_size):
     chunk = indices[start:start + batch_size]
@@ -473,12 +564,11 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh):
     padded = np.concatenate([chunk, np.full(batch_size - chunk.size, chunk[0])])
     results.append((chunk.size, fn(variables, parallel.shard_batch(mesh, images[padded]))))
   if not results:
-    out_dim, emb_dim = (s.shape[-1] for s in jax.eval_shape(
-        fn, variables, jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype)))
-    return np.zeros((0, out_dim), np.float32), np.zeros((0, emb_dim), np.float32)
-  outputs = np.concatenate([parallel.to_host(o)[:n] for n, (o, _) in results])
-  embeddings = np.concatenate([parallel.to_host(e)[:n] for n, (_, e) in results])
-  return outputs, embeddings
+    shapes = jax.eval_shape(
+        fn, variables, jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype))
+    return tuple(np.zeros((0,) + s.shape[1:], np.float32) for s in shapes)
+  return tuple(np.concatenate([parallel.to_host(arrays[k])[:n] for n, arrays in results])
+               for k in range(len(results[0][1])))
 
 
 def predict(state: TrainState, model, images, indices=None, *, batch_size: int = 256,
@@ -518,15 +608,21 @@ def forward_pool(state: TrainState, model, images, indices=None, *, task: str = 
 
   Args: as `predict`; `task` decides whether class probabilities exist.
   Returns:
-    dict of NumPy arrays, row i for `images[indices[i]]`: "embedding" [M, D] float32, and for
-    classification "probabilities" [M, C] float32 (softmax of the logits).
+    dict of NumPy arrays, row i for `images[indices[i]]`: "embedding" [M, D] float32, for
+    classification "probabilities" [M, C] float32 (softmax of the logits), and when the state
+    holds a LossNet (`fit(..., loss_prediction=...)`) "predicted_losses" [M] float32, computed
+    from the stage outputs of the same pass.
   """
   _check_task(task)
-  outputs, embedding = _forward(state, model, images, indices, batch_size=batch_size,
-                                preprocessing=preprocessing, mesh=mesh)
+  with_losses = state.loss_net_params is not None
+  outputs, embedding, *predicted = _forward(state, model, images, indices,
+                                            batch_size=batch_size, preprocessing=preprocessing,
+                                            mesh=mesh, with_losses=with_losses)
   result = {"embedding": embedding}
   if task == "classification":
     result["probabilities"] = np.asarray(jax.nn.softmax(outputs.astype(np.float32), axis=-1))
+  if with_losses:
+    result["predicted_losses"] = predicted[0].astype(np.float32)
   return result
 
 
