@@ -6,7 +6,7 @@ output `(outputs, embedding, stage_features)`: logits [B, classes] (or regressio
 embedding [B, D], and a tuple of 4 stage arrays. BatchNorm statistics live in the
 'batch_stats' collection (absent for nets without BatchNorm).
 
-Optimisers (SPEC §2):
+Optimisers (protocol §2):
   * classification: SGD, momentum 0.9, coupled weight decay 5e-4 (torch `SGD(weight_decay=)`:
     the decay is added to the gradient before the momentum buffer), lr 0.1 multiplied by
     `gamma` = 0.1 at each milestone epoch (default 160 of 200), softmax cross-entropy;
@@ -56,7 +56,7 @@ from jax_seqgcn.models import conv
 
 TASKS = ("classification", "regression")
 
-# Per-task defaults of `fit` (SPEC §2).
+# Per-task defaults of `fit` (protocol §2).
 DEFAULTS = {
     "classification": dict(epochs=200, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
                            milestones=(160,), gamma=0.1),
@@ -592,7 +592,7 @@ def predict(state: TrainState, model, images, indices=None, *, batch_size: int =
 
 def extract_embeddings(state: TrainState, model, images, indices=None, *,
                        batch_size: int = 256, preprocessing=None, mesh=None) -> np.ndarray:
-  """Eval-mode learner embeddings (the features the samplers use; SPEC §2).
+  """Eval-mode learner embeddings (the features the samplers use; protocol §2).
 
   Args: as `predict`.
   Returns:
