@@ -14,8 +14,10 @@ import pytest
 from jax_seqgcn import data as data_lib
 from jax_seqgcn import loop
 from jax_seqgcn import results
+from jax_seqgcn import samplers
 from jax_seqgcn import train
 from jax_seqgcn import workdir as workdir_lib
+from tests.test_loop import FAST_SAMPLER_OPTIONS
 from tests.test_loop import ROOT
 from tests.test_loop import labelled_sets
 from tests.test_loop import npz_path  # pylint: disable=unused-import  (fixture)
@@ -190,3 +192,38 @@ def test_images_too_small_for_the_learner_fail_before_training(tmp_path, monkeyp
            targets=np.arange(60) % 3)
   with pytest.raises(loop.ConfigError, match="small_cnn"):
     loop.run(tiny_config(str(path), al__initial=10, al__budget=5, al__subset=20), tmp_path / "w")
+
+
+NEW_SAMPLERS = [name for name in samplers.SAMPLERS
+                if name not in ("Random", "CoreSet", "UncertainGCN", "CoreGCN")]
+
+
+@pytest.mark.parametrize("sampler", NEW_SAMPLERS)
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, npz_path, sampler,
+                                                              monkeypatch):
+  # In-process version of the SIGKILL test (tests/test_loop.py) for every sampler added since:
+  # the run dies right after the checkpoint of cycle 0 and is resumed by the same command, which
+  # then trains and samples in cycle 1 (the sampler runs after the resume) and trains cycle 2.
+  def config():
+    c = tiny_config(npz_path, sampler__name=sampler, al__cycles=3)
+    for option, value in FAST_SAMPLER_OPTIONS.items():
+      c.sampler[option] = value
+    return c
+
+  clean = loop.run(config(), tmp_path / "clean")
+  real_save = loop._Run.save  # pylint: disable=protected-access
+
+  def save_then_die(self, step, next_labelled):
+    real_save(self, step, next_labelled)
+    if step == 0:
+      raise KeyboardInterrupt("killed after cycle 0")
+
+  monkeypatch.setattr(loop._Run, "save", save_then_die)  # pylint: disable=protected-access
+  with pytest.raises(KeyboardInterrupt):
+    loop.run(config(), tmp_path / "killed")
+  monkeypatch.undo()
+  resumed = loop.run(config(), tmp_path / "killed")
+  assert [(r.cycle, r.n_labelled, r.metric) for r in resumed] == \
+         [(r.cycle, r.n_labelled, r.metric) for r in clean]
+  for x, y in zip(labelled_sets(tmp_path / "killed"), labelled_sets(tmp_path / "clean")):
+    np.testing.assert_array_equal(x, y)
