@@ -22,9 +22,19 @@ def main():
   parser.add_argument("--out", default="curve.png", help="PNG to write")
   parser.add_argument("--table", help="also write the markdown table to this file")
   parser.add_argument("--title")
+  parser.add_argument("--summaries", action="append", default=[],
+                      help="FILE.json[:NAME,NAME]: add runs known only as per-cycle summaries "
+                           "(results.read_summaries), shown before the workdirs")
   args = parser.parse_args()
   labels = args.labels.split(",") if args.labels else []
   runs, task = {}, "classification"
+  for spec in args.summaries:
+    path, _, names = spec.partition(":")
+    known = results.read_summaries(path)
+    for name in (names.split(",") if names else known):
+      if name not in known:
+        sys.exit(f"error: {path} has no run {name!r}; it has {', '.join(known)}")
+      runs[name] = known[name]
   for i, workdir in enumerate(args.workdirs):
     workdir = pathlib.Path(workdir)
     if not (workdir / "results.jsonl").exists():

@@ -79,6 +79,21 @@ def summarize(records: Sequence[Record]) -> List[CycleSummary]:
   return out
 
 
+def _summaries(run) -> List[CycleSummary]:
+  """A run given as records (summarised here) or already as `CycleSummary`s (e.g. a saved table)."""
+  run = list(run)
+  if run and isinstance(run[0], CycleSummary):
+    return run
+  return summarize(run)
+
+
+def read_summaries(path) -> Dict[str, List[CycleSummary]]:
+  """{label: [CycleSummary]} from a JSON file `{"runs": {label: [{cycle, n_labelled, mean, std,
+  trials, seconds}, ...]}}` (runs whose raw records are not at hand)."""
+  runs = json.loads(pathlib.Path(path).read_text())["runs"]
+  return {label: [CycleSummary(**row) for row in rows] for label, rows in runs.items()}
+
+
 def _cell(s: Optional[CycleSummary], scale: float) -> str:
   if s is None:
     return ""
@@ -92,14 +107,14 @@ def markdown_table(runs: Dict[str, Sequence[Record]], *, metric_name: str = "acc
   """One markdown table: a row per cycle, a column (mean ± std) per run.
 
   Args:
-    runs: {label: records}, e.g. {"CoreGCN": read_jsonl(...)}.
+    runs: {label: records or CycleSummary list}, e.g. {"CoreGCN": read_jsonl(...)}.
     metric_name: shown in the header.
     scale: multiplies the metric (100 turns accuracy into %; use 1 for joint errors).
     with_time: add each run's mean seconds per cycle.
   Returns:
     Markdown text.
   """
-  summaries = {label: {s.cycle: s for s in summarize(rs)} for label, rs in runs.items()}
+  summaries = {label: {s.cycle: s for s in _summaries(rs)} for label, rs in runs.items()}
   cycles = sorted({c for s in summaries.values() for c in s})
   header = ["cycle", "labelled"] + [f"{label} ({metric_name})" for label in runs]
   if with_time:
@@ -132,7 +147,7 @@ def plot_curves(runs: Dict[str, Sequence[Record]], path, *, ylabel: str = "test 
   backend_agg.FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   for label, records in runs.items():
-    summ = summarize(records)
+    summ = _summaries(records)
     x = np.asarray([s.n_labelled for s in summ])
     mean = np.asarray([s.mean for s in summ]) * scale
     std = np.asarray([s.std for s in summ]) * scale

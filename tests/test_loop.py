@@ -51,7 +51,8 @@ def labelled_sets(workdir, trial=0):
 
 
 # Small settings of the slow samplers' options (each sampler reads only its own).
-FAST_SAMPLER_OPTIONS = {}
+FAST_SAMPLER_OPTIONS = dict(vaal_epochs=1, vaal_batch_size=16, vaal_width=0.125,
+                            vaal_latent_dim=8)
 
 
 @pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
@@ -213,3 +214,25 @@ def test_import_and_plot_leave_the_matplotlib_backend_alone(tmp_path):
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "svg"
   assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_plot_mixes_workdirs_and_saved_summaries(tmp_path, npz_path):
+  loop.run(tiny_config(npz_path, sampler__name="Random", al__cycles=2, al__trials=2),
+           tmp_path / "Random")
+  saved = {"runs": {"Old": [dict(cycle=0, n_labelled=40, mean=0.5, std=0.1, trials=3,
+                                 seconds=2.0),
+                            dict(cycle=1, n_labelled=60, mean=0.6, std=0.05, trials=3,
+                                 seconds=3.0)]}}
+  (tmp_path / "old.json").write_text(json.dumps(saved))
+  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot.py"),
+                        str(tmp_path / "Random"), "--summaries", f"{tmp_path / 'old.json'}:Old",
+                        "--out", str(tmp_path / "mix.png"), "--table", str(tmp_path / "t.md")],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  table = (tmp_path / "t.md").read_text()
+  assert "| 0 | 40 | 50.00 ± 10.00 |" in table and "| 1 | 60 | 60.00 ± 5.00 |" in table
+  assert "Old: 3, Random: 2" in table
+  bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot.py"), "--summaries",
+                        f"{tmp_path / 'old.json'}:Nope", str(tmp_path / "Random")],
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "has no run 'Nope'" in bad.stderr
