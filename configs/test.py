@@ -17,4 +17,8 @@ def get_config():
   config.al.subset = 100
   config.sampler.steps = 20
   config.sampler.hidden = 32
+  config.sampler.vaal_epochs = 1
+  config.sampler.vaal_batch_size = 16
+  config.sampler.vaal_width = 0.125
+  config.sampler.vaal_latent_dim = 8
   return config

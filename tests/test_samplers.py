@@ -9,13 +9,14 @@ from jax_seqgcn import samplers
 FAST_GCN = dict(steps=10, hidden=16)
 # Small settings for every sampler's options (each sampler gets those it declares).
 FAST_OPTIONS = dict(FAST_GCN)
+FAST_OPTIONS.update(vaal_epochs=1, vaal_batch_size=16, vaal_width=0.125, vaal_latent_dim=8)
 
 
 def fast_options(name):
   return {k: v for k, v in FAST_OPTIONS.items() if k in samplers.get_sampler(name).options}
 
 
-def full_pool(features, mask, seed=0, num_classes=4, image_shape=(8, 8, 1)):
+def full_pool(features, mask, seed=0, num_classes=4, image_shape=(28, 28, 1)):
   """A Pool with every field, consistent with `features` (for samplers that need more)."""
   rng = np.random.default_rng(seed)
   n = features.shape[0]

@@ -6,6 +6,7 @@ what it needs. One module per family:
 
 * `basic`: Random, CoreSet.
 * `gcn`: UncertainGCN, CoreGCN, UncertainDiscriminator (and the GCN ablations as options).
+* `vaal`: VAAL (beta-VAE + latent discriminator on the pool's images).
 * `learning_loss`: LearningLoss (predicted losses of a LossNet trained with the learner).
 * `featprop`: FeatProp (k-medoids of the unlabelled nodes on graph-propagated features).
 * `uncertainty`: Entropy, Margin, LeastConfidence on the learner's class probabilities.
@@ -21,6 +22,7 @@ budget)`.
 from jax_seqgcn.samplers import base
 from jax_seqgcn.samplers import basic
 from jax_seqgcn.samplers import gcn
+from jax_seqgcn.samplers import vaal
 from jax_seqgcn.samplers import learning_loss
 from jax_seqgcn.samplers import featprop
 from jax_seqgcn.samplers import uncertainty
