@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # Tables and plots of the CPU-scale Fashion-MNIST runs (see run_fashion_mnist_cpu.sh) in docs/.
+# A sampler without a workdir under RUNS_DIR is taken from docs/fashion_mnist_cpu_previous.json
+# (the first four samplers' earlier runs, same protocol) when it is there. No time columns: these
+# runs shared 2 cores with up to 6 other jobs (sampler query times: experiments/bench_sampler.py).
 #   bash experiments/fashion_mnist_docs.sh [RUNS_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/fashion_mnist_cpu}
-title="Fashion-MNIST, CPU scale: mean ± sample std over 3 trials"
+previous=docs/fashion_mnist_cpu_previous.json
+title="Fashion-MNIST, CPU scale: mean ± sample std over trials"
 plot() {  # plot OUT_STEM TITLE NAME...
   local stem=$1 subtitle=$2; shift 2
-  local dirs=() labels=()
-  for name in "$@"; do dirs+=("$runs/$name"); labels+=("$name"); done
-  python experiments/plot.py "${dirs[@]}" --labels "$(IFS=,; echo "${labels[*]}")" \
-    --out "docs/$stem.png" --table "docs/$stem.md" --title "$subtitle" > /dev/null
+  local args=() labels=() saved=()
+  for name in "$@"; do
+    if [ -f "$runs/$name/results.jsonl" ]; then args+=("$runs/$name"); labels+=("$name")
+    elif grep -q "\"$name\"" "$previous"; then saved+=("$name")
+    else echo "warning: no run of $name in $runs or $previous; left out of $stem" >&2; fi
+  done
+  if [ ${#saved[@]} -gt 0 ]; then args+=(--summaries "$previous:$(IFS=,; echo "${saved[*]}")"); fi
+  python experiments/plot.py "${args[@]}" --labels "$(IFS=,; echo "${labels[*]}")" \
+    --out "docs/$stem.png" --table "docs/$stem.md" --title "$subtitle" --no-time > /dev/null
 }
 plot fashion_mnist_cpu "$title" Random CoreSet LearningLoss VAAL FeatProp UncertainGCN CoreGCN
 plot fashion_mnist_cpu_baselines "$title" Random Entropy Margin LeastConfidence BADGE CoreSet CoreGCN

@@ -22,6 +22,8 @@ def main():
   parser.add_argument("--out", default="curve.png", help="PNG to write")
   parser.add_argument("--table", help="also write the markdown table to this file")
   parser.add_argument("--title")
+  parser.add_argument("--no-time", action="store_true",
+                      help="leave out the seconds-per-cycle columns (e.g. runs on a shared machine)")
   parser.add_argument("--summaries", action="append", default=[],
                       help="FILE.json[:NAME,NAME]: add runs known only as per-cycle summaries "
                            "(results.read_summaries), shown before the workdirs")
@@ -45,7 +47,8 @@ def main():
     runs[label] = results.read_jsonl(workdir / "results.jsonl")
   scale = 100.0 if task == "classification" else 1.0
   metric = "accuracy %" if task == "classification" else "mean joint error"
-  table = results.markdown_table(runs, metric_name=metric, scale=scale)
+  table = results.markdown_table(runs, metric_name=metric, scale=scale,
+                                 with_time=not args.no_time)
   results.plot_curves(runs, args.out, scale=scale, title=args.title,
                       ylabel="test accuracy (%)" if scale == 100.0 else metric)
   if args.table:
