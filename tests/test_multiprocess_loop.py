@@ -19,7 +19,6 @@ import pytest
 
 from jax_seqgcn import loop
 from jax_seqgcn import results
-from jax_seqgcn import samplers
 from tests.test_loop import labelled_sets, npz_path, tiny_config  # pylint: disable=unused-import
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -164,23 +163,15 @@ def test_two_processes_resume_a_one_process_checkpoint(runs):  # pylint: disable
 def test_whole_pool_offers_every_unlabelled_index(tmp_path, npz_path, monkeypatch,  # pylint: disable=redefined-outer-name
                                                   sampler, whole_pool):
   embedded, sampled = [], []
-  real_extract, real_get_sampler = loop.train.extract_embeddings, samplers.get_sampler
+  real_pool = loop._Run.pool  # pylint: disable=protected-access
 
-  def extract(state, model, images, indices, **kwargs):
-    embedded.append(np.asarray(indices))
-    return real_extract(state, model, images, indices, **kwargs)
+  def pool_of(self, state, nodes, labelled_mask):
+    embedded.append(np.asarray(nodes))
+    result = real_pool(self, state, nodes, labelled_mask)
+    sampled.append((np.shape(result.labelled_mask), np.asarray(result.labelled_mask)))
+    return result
 
-  def get_sampler(name):
-    real = real_get_sampler(name)
-
-    def recording(key, features, labelled_mask, budget, **options):
-      sampled.append((np.shape(features), np.asarray(labelled_mask)))
-      return real(key, features, labelled_mask, budget, **options)
-
-    return recording
-
-  monkeypatch.setattr(loop.train, "extract_embeddings", extract)
-  monkeypatch.setattr(samplers, "get_sampler", get_sampler)
+  monkeypatch.setattr(loop._Run, "pool", pool_of)  # pylint: disable=protected-access
   config = tiny_config(npz_path, sampler__name=sampler, al__cycles=2, al__whole_pool=whole_pool)
   loop.run(config, tmp_path)
   pool, (labelled, _) = 300, labelled_sets(tmp_path)
