@@ -1,8 +1,8 @@
 """Tests of Learning Loss: LossNet, the ranking loss, joint training in `fit`, the sampler.
 
 The jitted epochs are compiled once for the whole file: every fit here uses the small CNN on
-[512, 14, 14, 1] images in batches of 64 (one plain and one joint compile; the epoch count, weight, margin and detach
-epoch are not part of the compile).
+[512, 14, 14, 1] images in batches of 64 (one plain and one joint compile; the epoch count,
+weight, margin and detach epoch are not part of the compile).
 """
 
 import numpy as np
