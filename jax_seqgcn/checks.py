@@ -69,3 +69,18 @@ def budget(budget: int, num_candidates: int):
   if budget > num_candidates:
     raise ValueError(f"budget {budget} is larger than the {num_candidates} unlabelled "
                      "candidates")
+
+
+def is_int(value) -> bool:
+  """A Python or NumPy integer, not a bool (for option checks)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+  """A Python or NumPy int or float, not a bool (NaN and inf included; range checks follow)."""
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+  """`is_real` and finite."""
+  return is_real(value) and bool(np.isfinite(value))

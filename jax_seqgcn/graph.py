@@ -411,29 +411,21 @@ def check_gcn_options(*, hidden, dropout_rate, num_layers, lambda_, steps, learn
     problems.append(f"adjacency must be one of {ADJACENCY_MODES}, got {adjacency!r}")
   if architecture not in ARCHITECTURES:
     problems.append(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-  if not _is_int(hidden) or hidden < 1:
+  if not checks.is_int(hidden) or hidden < 1:
     problems.append(f"hidden must be an int >= 1, got {hidden!r}")
-  if not _is_int(num_layers) or num_layers not in (1, 2, 3):
+  if not checks.is_int(num_layers) or num_layers not in (1, 2, 3):
     problems.append(f"num_layers must be 1, 2 or 3, got {num_layers!r}")
-  if not _is_int(steps) or steps < 0:
+  if not checks.is_int(steps) or steps < 0:
     problems.append(f"steps must be an int >= 0, got {steps!r}")
-  if not _is_real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
+  if not checks.is_real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
     problems.append(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
   for name, value in (("learning_rate", learning_rate), ("lambda_", lambda_)):
-    if not _is_real(value) or not 0.0 < value < np.inf:
+    if not checks.is_real(value) or not 0.0 < value < np.inf:
       problems.append(f"{name} must be a finite number > 0, got {value!r}")
-  if not _is_real(weight_decay) or not 0.0 <= weight_decay < np.inf:
+  if not checks.is_real(weight_decay) or not 0.0 <= weight_decay < np.inf:
     problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
   if problems:
     raise ValueError("bad GCN option(s): " + "; ".join(problems))
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,

@@ -283,13 +283,13 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
   num_candidates = int(jnp.sum(candidate_mask))
   if num_candidates == 0:
     raise ValueError("candidate_mask selects no node: nothing to cluster")
-  if not _is_int(k) or not 1 <= k <= num_candidates:
+  if not checks.is_int(k) or not 1 <= k <= num_candidates:
     raise ValueError(f"k must be an int in [1, {num_candidates}] (the number of candidates), "
                      f"got {k!r}")
   check_max_sweeps(max_sweeps)
   if not isinstance(rel_tol, (int, float, np.floating)) or not 0.0 <= rel_tol < 1.0:
     raise ValueError(f"rel_tol must be a number in [0, 1), got {rel_tol!r}")
-  if not _is_int(block) or block < 1:
+  if not checks.is_int(block) or block < 1:
     raise ValueError(f"block must be an int >= 1, got {block!r}")
   return _k_medoids_jit(key, features, candidate_mask, jnp.int32(max_sweeps),
                         jnp.asarray(rel_tol, features.dtype), k=int(k), block=int(block))
@@ -297,12 +297,8 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
 
 def check_max_sweeps(max_sweeps, name: str = "max_sweeps") -> None:
   """ValueError unless `max_sweeps` is an int in [0, 10**6]."""
-  if not _is_int(max_sweeps) or not 0 <= max_sweeps <= 10 ** 6:
+  if not checks.is_int(max_sweeps) or not 0 <= max_sweeps <= 10 ** 6:
     raise ValueError(f"{name} must be an int in [0, 10**6], got {max_sweeps!r}")
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @jax.jit

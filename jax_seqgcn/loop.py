@@ -22,6 +22,7 @@ Every config field is checked before the data is loaded, and the data-dependent 
 targets, image size) right after, before the workdir is written to.
 """
 
+import contextlib
 import json
 import math
 import pathlib
@@ -33,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from jax_seqgcn import augment
+from jax_seqgcn import checks
 from jax_seqgcn import data as data_lib
 from jax_seqgcn import models
 from jax_seqgcn import parallel
@@ -90,10 +92,10 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
                     f"{config.learner.task} learner does not give")
   al = config.al
   for name in ("trials", "cycles", "initial", "budget", "subset"):
-    if not _is_int(al[name]) or al[name] <= 0:
+    if not checks.is_int(al[name]) or al[name] <= 0:
       problems.append(f"al.{name} must be a positive int, got {al[name]!r}")
   for name in ("epochs", "batch_size", "eval_batch_size"):
-    if not _is_int(config.train[name]) or config.train[name] <= 0:
+    if not checks.is_int(config.train[name]) or config.train[name] <= 0:
       problems.append(f"train.{name} must be a positive int, got {config.train[name]!r}")
   problems += _train_problems(config.train)
   if sampler is not None:
@@ -113,23 +115,15 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
     raise ConfigError("bad config:\n  - " + "\n  - ".join(problems))
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _train_problems(t) -> List[str]:
   problems = []
-  if not _is_number(t.learning_rate) or t.learning_rate <= 0:
+  if not checks.is_finite_real(t.learning_rate) or t.learning_rate <= 0:
     problems.append(f"train.learning_rate must be a finite number > 0, got {t.learning_rate!r}")
   for name in ("momentum", "weight_decay", "gamma"):
-    if not _is_number(t[name]) or t[name] < 0:
+    if not checks.is_finite_real(t[name]) or t[name] < 0:
       problems.append(f"train.{name} must be a finite number >= 0, got {t[name]!r}")
   milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else [t.milestones]
-  if not all(_is_int(m) and m >= 0 for m in milestones):
+  if not all(checks.is_int(m) and m >= 0 for m in milestones):
     problems.append(f"train.milestones must be epochs (ints >= 0), got {t.milestones!r}")
   return problems
 
@@ -327,17 +321,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> List[results_lib.Record]:
   """
   workdir = pathlib.Path(workdir).expanduser()
   validate_config(config)
-  holder = workdir_lib.lock(workdir) if parallel.is_main_process() else _nothing()
+  # Only the main process writes, so only it locks.
+  holder = workdir_lib.lock(workdir) if parallel.is_main_process() else contextlib.nullcontext()
   with holder:
     return _run_locked(config, workdir)
-
-
-class _nothing:  # pylint: disable=invalid-name
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *unused):
-    return False
 
 
 def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax_seqgcn import checks
 from jax_seqgcn.models import conv
 from jax_seqgcn.models import vae as vae_lib
 from jax_seqgcn.samplers import base
@@ -90,15 +91,6 @@ def num_iterations(num_nodes: int, epochs: float, batch_size: int) -> int:
   return max(1, int(num_nodes * epochs / batch_size))
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-  return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-          and bool(np.isfinite(value)))
-
-
 def check_options(options) -> None:
   """Raises ValueError (every problem in one message) for VAAL options that cannot train.
 
@@ -108,16 +100,16 @@ def check_options(options) -> None:
   """
   get = lambda name: options.get(name, OPTIONS[name])
   problems = []
-  if not _is_int(get("vaal_batch_size")) or get("vaal_batch_size") < 1:
+  if not checks.is_int(get("vaal_batch_size")) or get("vaal_batch_size") < 1:
     problems.append(f"vaal_batch_size must be an int >= 1, got {get('vaal_batch_size')!r}")
-  if not _is_int(get("vaal_latent_dim")) or get("vaal_latent_dim") < 0:
+  if not checks.is_int(get("vaal_latent_dim")) or get("vaal_latent_dim") < 0:
     problems.append(f"vaal_latent_dim must be an int >= 0 (0: 28 for 28x28 images, 32 for "
                     f"32x32), got {get('vaal_latent_dim')!r}")
   for name in ("vaal_epochs", "vaal_width", "vaal_learning_rate"):
-    if not _is_real(get(name)) or get(name) <= 0:
+    if not checks.is_finite_real(get(name)) or get(name) <= 0:
       problems.append(f"{name} must be a finite number > 0, got {get(name)!r}")
   for name in ("vaal_beta", "vaal_adversary_weight"):
-    if not _is_real(get(name)) or get(name) < 0:
+    if not checks.is_finite_real(get(name)) or get(name) < 0:
       problems.append(f"{name} must be a finite number >= 0, got {get(name)!r}")
   if problems:
     raise ValueError("bad VAAL option(s): " + "; ".join(problems))
