@@ -76,17 +76,16 @@ def _train(key, pool, options, architecture="gcn"):
                          **gcn_options)
 
 
-def _features_pool(features, labelled_mask, budget):
-  pool = base.validate_pool(base.Pool(labelled_mask, features=features), budget, ("features",))
+def _need_both(pool):
+  # `pool` was validated by `Sampler.__call__`; only the GCN's extra requirement is left.
   if pool.labelled_mask.all() or not pool.labelled_mask.any():
     raise ValueError("the GCN samplers need at least one labelled and one unlabelled node")
-  return pool
 
 
 @base.register("UncertainGCN", needs=("features",), options=OPTIONS, check=check_options,
                description="GCN on the learner features; unlabelled scores closest to s_margin")
 def _uncertain_gcn(key, pool, budget, **options):
-  pool = _features_pool(pool.features, pool.labelled_mask, budget)
+  _need_both(pool)
   result = _train(key, pool, options)
   return uncertain_gcn_select(result.scores, pool.labelled_mask, budget,
                               s_margin=options["s_margin"])
@@ -95,7 +94,7 @@ def _uncertain_gcn(key, pool, budget, **options):
 @base.register("CoreGCN", needs=("features",), options=OPTIONS, check=check_options,
                description="GCN on the learner features; k-center greedy on its embedding")
 def _core_gcn(key, pool, budget, **options):
-  pool = _features_pool(pool.features, pool.labelled_mask, budget)
+  _need_both(pool)
   return core_gcn_select(_train(key, pool, options).embedding, pool.labelled_mask, budget)
 
 
@@ -103,7 +102,7 @@ def _core_gcn(key, pool, budget, **options):
                check=check_options,
                description="ablation: UncertainGCN with an MLP instead of the GCN (no graph)")
 def _uncertain_discriminator(key, pool, budget, **options):
-  pool = _features_pool(pool.features, pool.labelled_mask, budget)
+  _need_both(pool)
   result = _train(key, pool, options, architecture="mlp")
   return uncertain_gcn_select(result.scores, pool.labelled_mask, budget,
                               s_margin=options["s_margin"])
