@@ -38,6 +38,7 @@ from jax_seqgcn import checks
 from jax_seqgcn import data as data_lib
 from jax_seqgcn import models
 from jax_seqgcn import parallel
+from jax_seqgcn import precision
 from jax_seqgcn import results as results_lib
 from jax_seqgcn import samplers
 from jax_seqgcn import train
@@ -98,6 +99,10 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
     if not checks.is_int(config.train[name]) or config.train[name] <= 0:
       problems.append(f"train.{name} must be a positive int, got {config.train[name]!r}")
   problems += _train_problems(config.train)
+  try:
+    precision.check_compute_dtype(config.train.get("compute_dtype", "float32"))
+  except ValueError as err:
+    problems.append(f"train.{err}")
   if sampler is not None:
     try:
       sampler.resolve_options(sampler_options(config))
@@ -158,7 +163,13 @@ def _fit_kwargs(config) -> dict:
   milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else (t.milestones,)
   return dict(task=config.learner.task, epochs=t.epochs, batch_size=t.batch_size,
               learning_rate=t.learning_rate, momentum=t.momentum,
-              weight_decay=t.weight_decay, milestones=tuple(milestones), gamma=t.gamma)
+              weight_decay=t.weight_decay, milestones=tuple(milestones), gamma=t.gamma,
+              compute_dtype=_compute_dtype(config))
+
+
+def _compute_dtype(config) -> str:
+  # Configs written before the field existed (e.g. a resumed workdir's) mean float32.
+  return config.train.get("compute_dtype", "float32")
 
 
 def _comparable(config) -> dict:
@@ -224,7 +235,8 @@ class _Run:
     metric = train.evaluate(state, self.model, self.dataset.test_images,
                             self.dataset.test_targets, task=self.task,
                             batch_size=self.config.train.eval_batch_size,
-                            preprocessing=self.preprocessing, mesh=self.mesh)
+                            preprocessing=self.preprocessing, mesh=self.mesh,
+                            compute_dtype=_compute_dtype(self.config))
     return state, metric
 
   def pool(self, state, nodes: np.ndarray, labelled_mask: np.ndarray) -> samplers.Pool:
@@ -233,7 +245,8 @@ class _Run:
     if self.sampler.needs & set(_FORWARD_FIELDS):
       out = train.forward_pool(state, self.model, self.dataset.train_images, nodes,
                                task=self.task, batch_size=self.config.train.eval_batch_size,
-                               preprocessing=self.preprocessing, mesh=self.mesh)
+                               preprocessing=self.preprocessing, mesh=self.mesh,
+                               compute_dtype=_compute_dtype(self.config))
       out["features"] = out.pop("embedding")
       fields.update({k: out[k] for k in _FORWARD_FIELDS if k in self.sampler.needs})
     if "images" in self.sampler.needs:
