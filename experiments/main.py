@@ -24,6 +24,9 @@ flags.DEFINE_string("workdir", None, "Output directory (resumed if it exists).")
 flags.DEFINE_string("coordinator", None, "Multi-process: coordinator address HOST:PORT.")
 flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
+flags.DEFINE_string("compilation_cache", "~/.cache/jax-seqgcn/xla",  # compilation_cache.DEFAULT_DIR
+                    "Persistent XLA compilation cache directory ('none' to turn it off), so "
+                    "that repeated and resumed runs do not recompile.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -31,13 +34,14 @@ def main(argv):
   del argv
   # tfds must not grab accelerator memory (STYLE.md); TF is only imported if tfds is used.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from jax_seqgcn import data, loop, parallel, workdir  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn import compilation_cache, data, loop, parallel, workdir  # pylint: disable=g-import-not-at-top
   if FLAGS.coordinator:
     parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   expected = (loop.ConfigError, loop.RunError, workdir.WorkdirError, data.DatasetNotFoundError,
               OSError)
   try:
+    compilation_cache.enable(FLAGS.compilation_cache)
     loop.run(FLAGS.config, FLAGS.workdir)
   except expected as e:  # one line (with the path where there is one), no traceback
     sys.exit(f"error: {e}")
