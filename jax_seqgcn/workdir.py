@@ -28,6 +28,9 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # Config fields that may differ between a workdir and a run resuming it.
 EXTENSIBLE = ("al.trials",)
+# Fields added after workdirs were written: a saved config without one has its value here, so
+# older workdirs still resume.
+ADDED = {"al.save_embeddings": False}
 
 
 class WorkdirError(RuntimeError):
@@ -75,7 +78,8 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(saved: Dict[str, Any], resolved: Dict[str, Any]) -> list:
   """Dotted names of the fields that differ, except the extensible ones."""
-  saved_flat, resolved_flat = flatten(saved), flatten(resolved)
+  saved_flat = {**ADDED, **flatten(saved)}
+  resolved_flat = flatten(resolved)
   return sorted(k for k in saved_flat.keys() | resolved_flat.keys()
                 if k not in EXTENSIBLE and saved_flat.get(k) != resolved_flat.get(k))
 
