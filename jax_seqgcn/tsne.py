@@ -99,10 +99,14 @@ def subsample(selection: embeddings_lib.Selection, max_points: Optional[int],
 def embed_2d(features, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
   """2-D t-SNE (scikit-learn, PCA initialisation) of [M, D] features -> [M, 2] float32.
 
-  Deterministic for a given `seed`. The perplexity is capped at (M - 1) / 3 for tiny sets.
+  Deterministic for a given `seed` on any machine: it runs on one thread, because scikit-learn's
+  Barnes-Hut gradient sums in a different order with more threads (coordinates then differ by
+  up to ~1 unit) and its OpenMP threads are many times slower on a busy machine. The perplexity
+  is capped at (M - 1) / 3 for tiny sets.
   """
   try:
     from sklearn import manifold  # pylint: disable=g-import-not-at-top
+    import threadpoolctl  # pylint: disable=g-import-not-at-top  (a scikit-learn dependency)
   except ImportError as err:
     raise TsneError(f"t-SNE needs scikit-learn, which is not installed: {INSTALL_HINT}") from err
   features = np.asarray(features, np.float32)
@@ -110,7 +114,9 @@ def embed_2d(features, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray
     raise TsneError(f"t-SNE needs at least 4 points of [M, D] features, got {features.shape}")
   tsne = manifold.TSNE(n_components=2, perplexity=min(perplexity, (len(features) - 1) / 3),
                        init="pca", learning_rate="auto", random_state=seed)
-  return tsne.fit_transform(features).astype(np.float32)
+  # The limit reaches the libraries loaded so far, which the imports above have done.
+  with threadpoolctl.threadpool_limits(limits=1):
+    return tsne.fit_transform(features).astype(np.float32)
 
 
 def _panel(ax, selection, kept, points, title: str) -> None:

@@ -8,8 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from sklearn import manifold  # pylint: disable=unused-import  (loaded before the thread limit)
-import threadpoolctl
 
 from jax_seqgcn import embeddings
 from jax_seqgcn import loop
@@ -20,14 +18,6 @@ from tests.test_loop import npz_path  # pylint: disable=unused-import  (fixture)
 from tests.test_loop import tiny_config
 
 CYCLES = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-  # scikit-learn's OpenMP threads slow t-SNE down many times on a busy 2-core machine. The limit
-  # reaches only libraries already loaded, hence the import of sklearn above.
-  with threadpoolctl.threadpool_limits(1):
-    yield
 
 
 def _config(npz, sampler, **overrides):
