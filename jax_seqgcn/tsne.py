@@ -99,10 +99,10 @@ def subsample(selection: embeddings_lib.Selection, max_points: Optional[int],
 def embed_2d(features, *, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
   """2-D t-SNE (scikit-learn, PCA initialisation) of [M, D] features -> [M, 2] float32.
 
-  Deterministic for a given `seed` on any machine: it runs on one thread, because scikit-learn's
-  Barnes-Hut gradient sums in a different order with more threads (coordinates then differ by
-  up to ~1 unit) and its OpenMP threads are many times slower on a busy machine. The perplexity
-  is capped at (M - 1) / 3 for tiny sets.
+  Deterministic for a given `seed` whatever the number of cores (same library versions): it runs
+  on one thread, because scikit-learn's Barnes-Hut gradient sums in another order with more
+  threads (coordinates then differ by up to ~1 unit) and its OpenMP threads are many times slower
+  on a busy machine. The perplexity is capped at (M - 1) / 3 for tiny sets.
   """
   try:
     from sklearn import manifold  # pylint: disable=g-import-not-at-top

@@ -61,6 +61,26 @@ def test_every_selection_is_saved_and_matches_the_next_labelled_set(runs, sample
         after, np.concatenate([selection.ids[selection.labelled], selection.ids[selection.picked]]))
 
 
+@pytest.mark.parametrize("sampler", ["CoreSet", "Random"])  # the sampler's pass / an extra one
+def test_saved_embeddings_are_the_learners_to_float16_rounding(tmp_path, npz_path, sampler,
+                                                                monkeypatch):
+  real_select = loop._Run.select  # pylint: disable=protected-access
+  checked = []
+
+  def select_and_check(self, key, state, labelled, save_to=None):
+    out = real_select(self, key, state, labelled, save_to)
+    saved = embeddings.load(save_to)
+    expected = self.forward(state, saved.ids)["embedding"]
+    np.testing.assert_allclose(saved.embeddings.astype(np.float32), expected, rtol=1e-3,
+                               atol=1e-3 * np.abs(expected).max())
+    checked.append(save_to.name)
+    return out
+
+  monkeypatch.setattr(loop._Run, "select", select_and_check)  # pylint: disable=protected-access
+  loop.run(_config(npz_path, sampler, al__cycles=2, al__save_embeddings=True), tmp_path)
+  assert checked == ["trial0_cycle0.npz"]
+
+
 def test_without_the_option_nothing_is_saved(tmp_path, npz_path):
   loop.run(_config(npz_path, "Random", al__cycles=2), tmp_path)
   assert not (tmp_path / embeddings.DIRECTORY).exists()
