@@ -33,6 +33,9 @@ def get_config():
   config.train.milestones = (160,)  # epochs at which lr *= gamma
   config.train.gamma = 0.1
   config.train.eval_batch_size = 256  # test and embedding extraction batches
+  # "float32" or "bfloat16" (activations/convolutions; parameters, optimiser state,
+  # BatchNorm statistics and the loss stay float32). bfloat16 is for GPUs/TPUs: slower on CPU.
+  config.train.compute_dtype = "float32"
 
   config.al = ml_collections.ConfigDict()  # protocol §1
   config.al.trials = 5

@@ -9,19 +9,27 @@ Each case runs `fit` for 1 + E epochs over N random uint8 images; the first epoc
 compilation and is excluded. Epoch times come from the `progress` callback, which fetches
 the epoch metrics and so waits for the device. Default runtime on 2 CPU cores: ~2-3 min.
 
+With --torch (needs PyTorch, which is not a dependency; skipped with a note when missing), each
+case is also trained in PyTorch right after (experiments/bench_torch.py: the same architecture,
+batch, optimiser and augmentation), and the record gets `torch_images_per_s` and
+`ratio_vs_torch` = our images/s over PyTorch's, both measured in this one run.
+
   python experiments/bench_learner.py [--cases resnet18:128,small_cnn:64,small_cnn:128]
-      [--epochs 2] [--resnet_examples 256] [--small_examples 4096]
+      [--epochs 2] [--resnet_examples 256] [--small_examples 4096] [--torch]
+      [--compute_dtype float32|bfloat16]
 """
 
 import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
 import numpy as np
 
+import bench_torch
 from jax_seqgcn import models
 from jax_seqgcn import train
 
@@ -82,14 +90,30 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=2, help="timed epochs per case")
   parser.add_argument("--resnet_examples", type=int, default=256)
   parser.add_argument("--small_examples", type=int, default=4096)
+  parser.add_argument("--torch", action="store_true",
+                      help="also train each case in PyTorch (if installed) and print the ratio")
   args = parser.parse_args()
+  with_torch = args.torch and bench_torch.available()
+  if args.torch and not with_torch:
+    print("bench_learner: PyTorch is not installed; skipping the PyTorch comparison",
+          file=sys.stderr)
   results = []
   for case in args.cases.split(","):
     name, batch = case.split(":")
     if name not in CASES:
       raise SystemExit(f"unknown learner {name!r}; choose from {sorted(CASES)}")
     examples = args.resnet_examples if name == "resnet18" else args.small_examples
-    results.append(bench(name, int(batch), num_examples=examples, epochs=args.epochs))
+    record = bench(name, int(batch), num_examples=examples, epochs=args.epochs)
+    if with_torch:
+      theirs = bench_torch.bench(name, int(batch), num_examples=examples, epochs=args.epochs,
+                                 shape=CASES[name]["shape"],
+                                 augment=CASES[name]["preprocessing"] == "cifar10")
+      record.update(torch=theirs["framework"], torch_images_per_s=theirs["images_per_s"],
+                    ratio_vs_torch=round(record["images_per_s"] / theirs["images_per_s"], 3))
+    print(f"{name} batch {batch}: {record['images_per_s']} images/s"
+          + (f", PyTorch {record['torch_images_per_s']} (ratio {record['ratio_vs_torch']})"
+             if with_torch else ""), file=sys.stderr, flush=True)
+    results.append(record)
   print(json.dumps({"device": device_info(), "train": results}, indent=2))
 
 

@@ -43,6 +43,7 @@ from jax_seqgcn import data as data_lib
 from jax_seqgcn import embeddings as embeddings_lib
 from jax_seqgcn import models
 from jax_seqgcn import parallel
+from jax_seqgcn import precision
 from jax_seqgcn import results as results_lib
 from jax_seqgcn import samplers
 from jax_seqgcn import train
@@ -102,9 +103,13 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
   for name in ("epochs", "batch_size", "eval_batch_size"):
     if not checks.is_int(config.train[name]) or config.train[name] <= 0:
       problems.append(f"train.{name} must be a positive int, got {config.train[name]!r}")
-  if not isinstance(al.save_embeddings, bool):
+  if not isinstance(_save_embeddings(config), bool):
     problems.append(f"al.save_embeddings must be True or False, got {al.save_embeddings!r}")
   problems += _train_problems(config.train)
+  try:
+    precision.check_compute_dtype(config.train.get("compute_dtype", "float32"))
+  except ValueError as err:
+    problems.append(f"train.{err}")
   if sampler is not None:
     try:
       sampler.resolve_options(sampler_options(config))
@@ -165,7 +170,18 @@ def _fit_kwargs(config) -> dict:
   milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else (t.milestones,)
   return dict(task=config.learner.task, epochs=t.epochs, batch_size=t.batch_size,
               learning_rate=t.learning_rate, momentum=t.momentum,
-              weight_decay=t.weight_decay, milestones=tuple(milestones), gamma=t.gamma)
+              weight_decay=t.weight_decay, milestones=tuple(milestones), gamma=t.gamma,
+              compute_dtype=_compute_dtype(config))
+
+
+def _compute_dtype(config) -> str:
+  # Configs written before the field existed (e.g. a resumed workdir's) mean float32.
+  return config.train.get("compute_dtype", "float32")
+
+
+def _save_embeddings(config):
+  # Configs written before the field existed mean False.
+  return config.al.get("save_embeddings", False)
 
 
 def _comparable(config) -> dict:
@@ -231,14 +247,16 @@ class _Run:
     metric = train.evaluate(state, self.model, self.dataset.test_images,
                             self.dataset.test_targets, task=self.task,
                             batch_size=self.config.train.eval_batch_size,
-                            preprocessing=self.preprocessing, mesh=self.mesh)
+                            preprocessing=self.preprocessing, mesh=self.mesh,
+                            compute_dtype=_compute_dtype(self.config))
     return state, metric
 
   def forward(self, state, nodes: np.ndarray) -> dict:
     """`train.forward_pool` of the training images `nodes` [M] (every process takes part)."""
     return train.forward_pool(state, self.model, self.dataset.train_images, nodes,
                               task=self.task, batch_size=self.config.train.eval_batch_size,
-                              preprocessing=self.preprocessing, mesh=self.mesh)
+                              preprocessing=self.preprocessing, mesh=self.mesh,
+                              compute_dtype=_compute_dtype(self.config))
 
   def pool(self, state, nodes: np.ndarray, labelled_mask: np.ndarray) -> samplers.Pool:
     """The `Pool` of `nodes` with just the fields the sampler needs."""
@@ -385,7 +403,7 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
       embed_s = sample_s = 0.0
       next_labelled = labelled
       if cycle < cycles - 1:
-        save_to = embeddings_lib.path(workdir, trial, cycle) if al.save_embeddings else None
+        save_to = embeddings_lib.path(workdir, trial, cycle) if _save_embeddings(config) else None
         next_labelled, embed_s, sample_s = exp.select(select_key, state, labelled, save_to)
       exp.records.append(results_lib.Record(trial, cycle, len(labelled), metric, train_s,
                                             embed_s, sample_s))

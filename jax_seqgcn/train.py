@@ -52,6 +52,7 @@ from flax.training import train_state
 from jax_seqgcn import augment
 from jax_seqgcn import loss_prediction as loss_prediction_lib
 from jax_seqgcn import parallel
+from jax_seqgcn import precision
 from jax_seqgcn.models import conv
 
 TASKS = ("classification", "regression")
@@ -240,7 +241,7 @@ def per_example_loss(outputs: jax.Array, targets: jax.Array, *, task: str) -> ja
 
 
 def _train_step(state, images, targets, weights, rng, *, model, task, spec, batch_sharding,
-                loss_prediction=None, detached=False):
+                loss_prediction=None, detached=False, compute_dtype="float32"):
   """One SGD step on a [B, ...] raw batch; `weights` [B] are 1 (real) or 0 (filler).
 
   With `loss_prediction` (`loss_prediction.JointSettings`, may be traced), a joint learner +
@@ -253,14 +254,18 @@ def _train_step(state, images, targets, weights, rng, *, model, task, spec, batc
                      "and a plain state without it.")
   constrain = lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
   images, targets, weights = constrain(images), constrain(targets), constrain(weights)
-  x = augment.apply_spec(rng, images, spec, train=True)
+  dtype = jnp.dtype(compute_dtype)
+  x = augment.apply_spec(rng, images, spec, train=True).astype(dtype)
 
   def loss_fn(params, loss_net_params):
-    variables = {"params": params}
+    # Mixed precision (see `jax_seqgcn.precision`): float32 master parameters cast for the
+    # forward pass; the loss is computed in float32 (per_example_loss upcasts the outputs).
+    variables = {"params": precision.cast_floating(params, dtype)}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
     (outputs, _, stage_features), mutated = model.apply(variables, x, train=True,
                                                         mutable=["batch_stats"])
+    outputs, stage_features = precision.to_float32((outputs, stage_features))
     losses = per_example_loss(outputs, targets, task=task)
     loss_sum = jnp.sum(weights * losses)
     objective = loss_sum / jnp.maximum(jnp.sum(weights), 1.0)
@@ -315,7 +320,8 @@ def epoch_order(key: jax.Array, num_real, capacity: int):
 
 
 def _train_epoch(state, images, targets, num_real, key_data, epoch, learning_rate,
-                 loss_prediction, *, model, task, spec, batch_size, batch_sharding):
+                 loss_prediction, *, model, task, spec, batch_size, batch_sharding,
+                 compute_dtype):
   TRACE_COUNTS["epoch"] += 1
   key = jax.random.wrap_key_data(key_data)
   shuffle_key = jax.random.fold_in(jax.random.fold_in(key, 0), epoch)
@@ -332,7 +338,7 @@ def _train_epoch(state, images, targets, num_real, key_data, epoch, learning_rat
     state, metrics = _train_step(state, images[batch_indices], targets[batch_indices],
                                  batch_weights, rng, model=model, task=task, spec=spec,
                                  batch_sharding=batch_sharding, loss_prediction=loss_prediction,
-                                 detached=detached)
+                                 detached=detached, compute_dtype=compute_dtype)
     return state, jax.tree.map(jnp.add, sums, metrics)
 
   zeros = {"loss_sum": 0.0, "count": 0.0}
@@ -355,16 +361,18 @@ def _train_epoch(state, images, targets, num_real, key_data, epoch, learning_rat
 
 
 @functools.lru_cache(maxsize=32)
-def _epoch_fn(model, task, spec, batch_size, mesh):
+def _epoch_fn(model, task, spec, batch_size, mesh, compute_dtype="float32"):
   # `loss_prediction` is None or `JointSettings` arrays: its structure (not its values) is
   # part of the trace, so a plain and a joint fit compile once each.
   fn = functools.partial(_train_epoch, model=model, task=task, spec=spec,
-                         batch_size=batch_size, batch_sharding=parallel.data_sharding(mesh))
+                         batch_size=batch_size, batch_sharding=parallel.data_sharding(mesh),
+                         compute_dtype=compute_dtype)
   rep = parallel.replicated(mesh)
   return jax.jit(fn, in_shardings=rep, out_shardings=rep, donate_argnums=0)
 
 
-def make_train_step(model, *, task: str = "classification", preprocessing=None, mesh=None):
+def make_train_step(model, *, task: str = "classification", preprocessing=None, mesh=None,
+                    compute_dtype: str = "float32"):
   """A jitted step for externally fed batches (e.g. each host feeding its part).
 
   Args:
@@ -372,6 +380,7 @@ def make_train_step(model, *, task: str = "classification", preprocessing=None, 
     task: "classification" or "regression".
     preprocessing: `PreprocessSpec`, dataset name or None (see `augment.as_spec`).
     mesh: data mesh; None = all devices.
+    compute_dtype: "float32" or "bfloat16" (see `jax_seqgcn.precision`).
   Returns:
     `step(state, images, targets, weights, key) -> (state, metrics)`: images [B, H, W, C]
     raw, targets [B] or [B, K], weights [B] float (1 real / 0 filler), all sharded
@@ -382,18 +391,19 @@ def make_train_step(model, *, task: str = "classification", preprocessing=None, 
   _check_task(task)
   _check_hashable(model)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  return _step_fn(model, task, augment.as_spec(preprocessing), mesh)
+  return _step_fn(model, task, augment.as_spec(preprocessing), mesh,
+                  precision.check_compute_dtype(compute_dtype))
 
 
 @functools.lru_cache(maxsize=32)
-def _step_fn(model, task, spec, mesh):
+def _step_fn(model, task, spec, mesh, compute_dtype):
   batch = parallel.data_sharding(mesh)
   rep = parallel.replicated(mesh)
 
   def step(state, images, targets, weights, key_data):
     rng = jax.random.fold_in(jax.random.wrap_key_data(key_data), state.step)
     return _train_step(state, images, targets, weights, rng, model=model, task=task,
-                       spec=spec, batch_sharding=batch)
+                       spec=spec, batch_sharding=batch, compute_dtype=compute_dtype)
 
   jitted = jax.jit(step, in_shardings=(rep, batch, batch, batch, rep), out_shardings=rep,
                    donate_argnums=0)
@@ -437,7 +447,8 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
         weight_decay: Optional[float] = None, milestones: Optional[Sequence[int]] = None,
         gamma: Optional[float] = None, preprocessing=None, mesh=None,
         progress: Optional[Callable[[int, int, dict], None]] = None,
-        loss_prediction: Optional[LossPrediction] = None) -> TrainState:
+        loss_prediction: Optional[LossPrediction] = None,
+        compute_dtype: str = "float32") -> TrainState:
   """Trains a fresh learner on a labelled set (see the module docstring for the semantics).
 
   Args:
@@ -464,6 +475,9 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
       features reach the LossNet through stop_gradient; None = 60% of `epochs`, as the
       reference, which detaches at epoch 120 of 200. The switch is a traced flag inside the
       jitted epoch: no extra compile. See `jax_seqgcn.loss_prediction`.
+    compute_dtype: "float32" (default) or "bfloat16": activations and convolutions in that
+      dtype, parameters, optimiser state, BatchNorm statistics and the loss in float32 (see
+      `jax_seqgcn.precision`).
   Returns:
     The trained `TrainState` (replicated on the mesh); with `loss_prediction` it also holds
     the LossNet (`loss_net`, `loss_net_params`).
@@ -471,6 +485,7 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
     ValueError: bad inputs or settings (e.g. a negative loss-prediction weight).
   """
   _check_task(task)
+  precision.check_compute_dtype(compute_dtype)
   defaults = DEFAULTS[task]
   epochs = defaults["epochs"] if epochs is None else int(epochs)
   learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
@@ -500,7 +515,7 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
   device_images, device_targets = parallel.replicate(mesh, (
       np.pad(images, pad + [(0, 0)] * (images.ndim - 1)),
       np.pad(targets, pad + [(0, 0)] * (targets.ndim - 1))))
-  epoch_fn = _epoch_fn(model, task, spec, int(batch_size), mesh)
+  epoch_fn = _epoch_fn(model, task, spec, int(batch_size), mesh, compute_dtype)
   settings = (None if loss_prediction is None
               else loss_prediction_lib.joint_settings(loss_prediction))
   key_data = _key_data(jax.random.fold_in(key, 1))
@@ -522,13 +537,18 @@ def _variables(state: TrainState) -> dict:
 
 
 @functools.lru_cache(maxsize=32)
-def _forward_fn(model, spec, mesh, loss_net=None):
+def _forward_fn(model, spec, mesh, loss_net=None, compute_dtype="float32"):
+  dtype = jnp.dtype(compute_dtype)
+
   def forward(variables, images):
     TRACE_COUNTS["forward"] += 1
-    x = augment.apply_spec(None, images, spec, train=False)
+    x = augment.apply_spec(None, images, spec, train=False).astype(dtype)
+    learner = dict(variables["learner"], params=precision.cast_floating(
+        variables["learner"]["params"], dtype))
     # Top level (no loop): XLA's own convolution is the fast one here, even on CPU.
     with conv.impl_scope("xla"):
-      outputs, embedding, stage_features = model.apply(variables["learner"], x, train=False)
+      outputs, embedding, stage_features = precision.to_float32(
+          model.apply(learner, x, train=False))
     if loss_net is None:
       return outputs, embedding
     return outputs, embedding, loss_net.apply({"params": variables["loss_net"]}, stage_features)
@@ -538,7 +558,7 @@ def _forward_fn(model, spec, mesh, loss_net=None):
 
 
 def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
-             with_losses=False):
+             with_losses=False, compute_dtype="float32"):
   """Eval-mode (outputs [M, ...], embeddings [M, D]) as NumPy over fixed-size batches.
 
   With `with_losses` (a state holding a LossNet), also the predicted losses [M], from the
@@ -553,7 +573,8 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
   if indices.size and (indices.min() < -images.shape[0] or indices.max() >= images.shape[0]):
     raise ValueError(f"indices out of range for {images.shape[0]} images.")
   loss_net = state.loss_net if with_losses else None
-  fn = _forward_fn(model, augment.as_spec(preprocessing), mesh, loss_net)
+  fn = _forward_fn(model, augment.as_spec(preprocessing), mesh, loss_net,
+                   precision.check_compute_dtype(compute_dtype))
   variables = {"learner": _variables(state)}
   if loss_net is not None:
     variables["loss_net"] = state.loss_net_params
@@ -572,7 +593,7 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
 
 
 def predict(state: TrainState, model, images, indices=None, *, batch_size: int = 256,
-            preprocessing=None, mesh=None) -> np.ndarray:
+            preprocessing=None, mesh=None, compute_dtype: str = "float32") -> np.ndarray:
   """Eval-mode network outputs (no augmentation).
 
   Args:
@@ -583,15 +604,17 @@ def predict(state: TrainState, model, images, indices=None, *, batch_size: int =
     batch_size: fixed device batch (multiple of the device count); one compile for any M.
     preprocessing: `PreprocessSpec`, dataset name or None.
     mesh: data mesh; None = all devices.
+    compute_dtype: "float32" or "bfloat16" for the pass (outputs are float32 either way).
   Returns:
     [M, C] float32 NumPy logits (or [M, J*3] coordinates).
   """
   return _forward(state, model, images, indices, batch_size=batch_size,
-                  preprocessing=preprocessing, mesh=mesh)[0]
+                  preprocessing=preprocessing, mesh=mesh, compute_dtype=compute_dtype)[0]
 
 
 def extract_embeddings(state: TrainState, model, images, indices=None, *,
-                       batch_size: int = 256, preprocessing=None, mesh=None) -> np.ndarray:
+                       batch_size: int = 256, preprocessing=None, mesh=None,
+                       compute_dtype: str = "float32") -> np.ndarray:
   """Eval-mode learner embeddings (the features the samplers use; protocol §2).
 
   Args: as `predict`.
@@ -599,11 +622,12 @@ def extract_embeddings(state: TrainState, model, images, indices=None, *,
     [M, D] float32 NumPy array, row i for `images[indices[i]]`.
   """
   return _forward(state, model, images, indices, batch_size=batch_size,
-                  preprocessing=preprocessing, mesh=mesh)[1]
+                  preprocessing=preprocessing, mesh=mesh, compute_dtype=compute_dtype)[1]
 
 
 def forward_pool(state: TrainState, model, images, indices=None, *, task: str = "classification",
-                 batch_size: int = 256, preprocessing=None, mesh=None) -> dict:
+                 batch_size: int = 256, preprocessing=None, mesh=None,
+                 compute_dtype: str = "float32") -> dict:
   """What the samplers can read about some images, from one eval-mode pass.
 
   Args: as `predict`; `task` decides whether class probabilities exist.
@@ -617,7 +641,8 @@ def forward_pool(state: TrainState, model, images, indices=None, *, task: str = 
   with_losses = state.loss_net_params is not None
   outputs, embedding, *predicted = _forward(state, model, images, indices,
                                             batch_size=batch_size, preprocessing=preprocessing,
-                                            mesh=mesh, with_losses=with_losses)
+                                            mesh=mesh, with_losses=with_losses,
+                                            compute_dtype=compute_dtype)
   result = {"embedding": embedding}
   if task == "classification":
     result["probabilities"] = np.asarray(jax.nn.softmax(outputs.astype(np.float32), axis=-1))
@@ -627,7 +652,8 @@ def forward_pool(state: TrainState, model, images, indices=None, *, task: str = 
 
 
 def evaluate(state: TrainState, model, images, targets, *, task: str = "classification",
-             batch_size: int = 256, preprocessing=None, mesh=None) -> float:
+             batch_size: int = 256, preprocessing=None, mesh=None,
+             compute_dtype: str = "float32") -> float:
   """Test metric in eval mode, no augmentation.
 
   Args:
@@ -643,7 +669,7 @@ def evaluate(state: TrainState, model, images, targets, *, task: str = "classifi
   mesh = parallel.make_mesh() if mesh is None else mesh
   _validate(images, targets, task, batch_size, mesh)
   outputs = predict(state, model, images, batch_size=batch_size, preprocessing=preprocessing,
-                    mesh=mesh)
+                    mesh=mesh, compute_dtype=compute_dtype)
   if task == "classification":
     return float(np.mean(np.argmax(outputs, axis=-1) == targets))
   diff = (outputs.astype(np.float64) - targets).reshape(len(targets), -1, 3)

@@ -28,9 +28,9 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # Config fields that may differ between a workdir and a run resuming it.
 EXTENSIBLE = ("al.trials",)
-# Fields added after workdirs were written: a saved config without one has its value here, so
-# older workdirs still resume.
-ADDED = {"al.save_embeddings": False}
+# Config fields added after workdirs were first written, with the value an older workdir (whose
+# config lacks the field) ran with: such a workdir resumes under a config holding that value.
+ADDED_FIELDS = {"train.compute_dtype": "float32", "al.save_embeddings": False}
 
 
 class WorkdirError(RuntimeError):
@@ -77,9 +77,10 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def config_differences(saved: Dict[str, Any], resolved: Dict[str, Any]) -> list:
-  """Dotted names of the fields that differ, except the extensible ones."""
-  saved_flat = {**ADDED, **flatten(saved)}
-  resolved_flat = flatten(resolved)
+  """Dotted names of the fields that differ, except the extensible ones (a field missing from
+  either config that `ADDED_FIELDS` lists counts as its default)."""
+  saved_flat = {**ADDED_FIELDS, **flatten(saved)}
+  resolved_flat = {**ADDED_FIELDS, **flatten(resolved)}
   return sorted(k for k in saved_flat.keys() | resolved_flat.keys()
                 if k not in EXTENSIBLE and saved_flat.get(k) != resolved_flat.get(k))
 

@@ -49,3 +49,34 @@ def test_resnet_outputs_do_not_depend_on_impl(monkeypatch):
   out, emb, _ = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
   np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(emb, ref_emb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, window, ceil_mode", [((8, 8), 2, False), ((7, 9), 2, False),
+                                                      ((7, 9), 2, True), ((12, 10), 4, False),
+                                                      ((5, 6), 3, True), ((1, 1), 2, True)])
+def test_max_pool_equals_flax(size, window, ceil_mode):
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(0), (2,) + size + (3,))
+  padding = "SAME" if ceil_mode else "VALID"
+  expected = nn.max_pool(x, (window, window), strides=(window, window), padding=padding)
+  got = conv.max_pool(x, window, ceil_mode=ceil_mode)
+  np.testing.assert_array_equal(got, expected)
+  # Without ties (random normals) the gradient is select_and_scatter's: 1 at each window's max.
+  g = jax.grad(lambda x: jnp.sum(conv.max_pool(x, window, ceil_mode=ceil_mode) ** 2))(x)
+  g_flax = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (window, window),
+                                                  strides=(window, window),
+                                                  padding=padding) ** 2))(x)
+  np.testing.assert_allclose(g, g_flax, rtol=1e-6)
+
+
+def test_max_pool_after_relu_has_select_and_scatter_gradients():
+  # After a ReLU, tied window maxima are zeros whose ReLU gradient is 0, so splitting the
+  # gradient among ties (ours) or giving it to one input (select_and_scatter, torch) agree.
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4)) - 1.0  # many all-zero windows
+  w = jax.random.normal(jax.random.key(2), (2, 3, 3, 4))
+  flax_pool = lambda h: nn.max_pool(h, (2, 2), strides=(2, 2), padding="VALID")
+  grads = [jax.grad(lambda x: jnp.sum(w * pool(nn.relu(x))))(x)
+           for pool in (lambda h: conv.max_pool(h, 2), flax_pool)]
+  assert np.mean(np.asarray(flax_pool(nn.relu(x))) == 0) > 0.1
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6)

@@ -154,6 +154,7 @@ def test_different_config_on_existing_workdir_is_refused(tmp_path, npz_path):
     (dict(train__epochs=0), "train.epochs must be a positive int"),
     (dict(al__subset=10, al__budget=20), "smaller than al.budget"),
     (dict(al__initial=250, al__budget=30), "larger than the pool of 300"),
+    (dict(train__compute_dtype="float16"), "train.compute_dtype must be one of"),
 ])
 def test_bad_config_fails_before_training(tmp_path, npz_path, overrides, message, monkeypatch):
   monkeypatch.setattr(loop._Run, "train_and_test",  # pylint: disable=protected-access

@@ -262,3 +262,41 @@ def test_min_image_size_follows_deepprior_stages():
                            False)[0].shape == (1, 6)
   with pytest.raises(ValueError, match="at least 6x6"):
     _abstract_variables(module, (1, 5, 6, 1))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_equals_flax_in_value_gradient_and_statistics(train):
+  import flax.linen as nn
+  from jax_seqgcn.models.batchnorm import BatchNorm
+  with jax.enable_x64(True):
+    x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3), jnp.float64) * 3 + 1
+    weights = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+    params = {"scale": jnp.array([1.5, 0.5, 2.0]), "bias": jnp.array([0.1, -0.2, 0.3])}
+    stats = {"mean": jnp.array([0.5, 0.0, -1.0]), "var": jnp.array([2.0, 1.0, 0.5])}
+
+    def objective(module):
+      def f(params, x):
+        y, updated = module.apply({"params": params, "batch_stats": stats}, x,
+                                  mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y) * weights), updated
+      return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+
+    ours = objective(BatchNorm(use_running_average=not train))
+    flax = objective(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                 ours, flax)
+    if train:  # the running statistics moved
+      assert not np.allclose(ours[0][1]["batch_stats"]["mean"], stats["mean"])
+
+
+def test_batchnorm_keeps_float32_statistics_for_bfloat16_input():
+  from jax_seqgcn.models.batchnorm import BatchNorm
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3)).astype(jnp.bfloat16)
+  variables = BatchNorm().init(jax.random.key(1), x)
+  y, updated = BatchNorm().apply(variables, x, mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16
+  assert updated["batch_stats"]["mean"].dtype == jnp.float32
+  assert variables["params"]["scale"].dtype == jnp.float32
+  expected = (x.astype(jnp.float32) - x.astype(jnp.float32).mean((0, 1, 2))) / jnp.sqrt(
+      x.astype(jnp.float32).var((0, 1, 2)) + 1e-5)
+  np.testing.assert_allclose(y.astype(jnp.float32), expected, atol=0.02)

@@ -227,3 +227,12 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, npz_path
          [(r.cycle, r.n_labelled, r.metric) for r in clean]
   for x, y in zip(labelled_sets(tmp_path / "killed"), labelled_sets(tmp_path / "clean")):
     np.testing.assert_array_equal(x, y)
+
+
+def test_workdir_from_before_compute_dtype_resumes_as_float32():
+  old = {"train": {"epochs": 3}}  # a config.json written before train.compute_dtype existed
+  assert workdir_lib.config_differences(old, {"train": {"epochs": 3,
+                                                        "compute_dtype": "float32"}}) == []
+  assert workdir_lib.config_differences(old, {"train": {"epochs": 3,
+                                                        "compute_dtype": "bfloat16"}}) == [
+                                                            "train.compute_dtype"]

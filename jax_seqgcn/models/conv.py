@@ -72,6 +72,37 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: in
   return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
+def max_pool(x: jax.Array, window: int = 2, *, ceil_mode: bool = False) -> jax.Array:
+  """Non-overlapping max-pool (stride = window) as a reshape and a max over the window axes.
+
+  Equals `flax.linen.max_pool(x, (k, k), strides=(k, k))` ("VALID" for `ceil_mode=False`,
+  "SAME" for True) in the forward pass, but costs an elementwise pass where XLA:CPU's
+  `reduce_window` and the `select_and_scatter` of its gradient took ~30% of the small CNN's
+  training step. One deliberate difference: when several inputs of a window tie for the
+  maximum, the gradient is split among them (torch and `select_and_scatter` give it all to
+  one). Our learners pool after a ReLU, where ties are zeros whose ReLU gradient is 0, so
+  their parameter gradients are the same.
+
+  Args:
+    x: [B, H, W, C].
+    window: k, the window and stride.
+    ceil_mode: False drops the last H % k rows and W % k columns (torch `MaxPool2d`); True
+      keeps them as a partial window (padding with -inf, like "SAME").
+  Returns:
+    [B, H // k, W // k, C] (ceil division when `ceil_mode`).
+  """
+  k = int(window)
+  batch, height, width, channels = x.shape
+  if ceil_mode:
+    pad_h, pad_w = -height % k, -width % k
+    if pad_h or pad_w:
+      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
+  else:
+    x = x[:, :height - height % k, :width - width % k]
+  out_h, out_w = x.shape[1] // k, x.shape[2] // k
+  return jnp.max(x.reshape(batch, out_h, k, out_w, k, channels), axis=(2, 4))
+
+
 def xla_conv(x, kernel, *, stride=1, padding=0):
   """The same convolution through `lax.conv_general_dilated`."""
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride),

@@ -29,6 +29,7 @@ import chex
 import jax
 from flax import linen as nn
 
+from jax_seqgcn.models.conv import max_pool
 from jax_seqgcn.models.resnet import batch_norm
 from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
 
@@ -83,7 +84,7 @@ class DeepPrior(nn.Module):
                      name=f"conv{index}")(x)
       x = nn.relu(batch_norm(train, f"bn{index}")(x))
       if pool > 1:
-        x = nn.max_pool(x, (pool, pool), strides=(pool, pool), padding="VALID")
+        x = max_pool(x, pool)
       stage_outputs.append(x)
     x = x.reshape(x.shape[0], -1)
     for index, width in enumerate(self.hidden, start=1):

@@ -31,20 +31,24 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax_seqgcn.models.batchnorm import BatchNorm
 from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
 
 
-def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, name: str | None = None) -> BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5), scale 1, bias 0.
+
+  `jax_seqgcn.models.batchnorm.BatchNorm`: Flax's layer (same variables and values) with a
+  closed-form gradient that trains ResNet-18 faster on CPU.
 
   Args:
     train: if True normalise with batch statistics and update 'batch_stats'; else use the running
       averages.
     name: optional submodule name.
   Returns:
-    An `nn.BatchNorm` over the last axis ([..., C] -> [..., C]).
+    A `BatchNorm` over the last axis ([..., C] -> [..., C]).
   """
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 class BasicBlock(nn.Module):

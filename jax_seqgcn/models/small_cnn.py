@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.conv import Conv2D
+from jax_seqgcn.models.conv import Conv2D, max_pool
 
 # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = sqrt(1/fan_in),
 # which is variance_scaling's uniform limit sqrt(3 * scale / fan_in) with scale = 1/3.
@@ -112,8 +112,8 @@ def check_image_size(image_shape: Sequence[int], min_size: int, learner: str) ->
 
 
 def _max_pool2(x: jax.Array) -> jax.Array:
-  # torch MaxPool2d(2) floors odd sizes; VALID does the same.
-  return nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  # torch MaxPool2d(2) floors odd sizes; so does max_pool without ceil_mode.
+  return max_pool(x, 2)
 
 
 class SmallCNN(nn.Module):

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax_seqgcn.models.conv import max_pool
 from jax_seqgcn.models.resnet import batch_norm
 from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
 
@@ -71,7 +72,7 @@ class VGG(nn.Module):
     conv_index = 0
     for layer in self.cfg:
       if layer == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+        x = max_pool(x, 2, ceil_mode=True)  # flax "SAME": a partial last window
         pooled.append(x)
       else:
         conv_index += 1
