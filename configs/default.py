@@ -45,6 +45,12 @@ def get_config():
   config.al.subset = 10000  # random unlabelled candidates per cycle
   config.al.whole_pool = False  # sample from the whole unlabelled pool instead of a subset
   config.al.upper_bound = False  # train once on the whole training split
+  # Save, per trial and selection cycle, what the sampler saw: learner embeddings (float16) of the
+  # subset and labelled set, the labelled mask and the picks, in
+  # embeddings/trial{t}_cycle{c}.npz (c as in results.jsonl; see jax_seqgcn/embeddings.py). For
+  # `jax-seqgcn tsne` / experiments/tsne.py. Costs disk (~1 MB per selection at 5,500 x 128) and,
+  # for samplers that need no embedding (Random, VAAL, ...), one extra eval pass.
+  config.al.save_embeddings = False
 
   # The sampler and the options of every registered sampler, defaults from the registry
   # (jax_seqgcn/samplers: each sampler declares its options). A sampler reads only its own.

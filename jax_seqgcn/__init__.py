@@ -19,11 +19,14 @@ Public API (shapes in each docstring):
   `initialize_distributed`.
 * Scale (`kcenter_sharded`): `k_center_greedy_sharded` over a device mesh.
 * Experiments (`loop`, `workdir`, `results`): `run(config, workdir)`, results tables and curves.
+* Inspection (`embeddings`, `tsne`): selections saved with `config.al.save_embeddings`, and
+  t-SNE figures of them (scikit-learn, an optional extra).
 """
 
 from jax_seqgcn import augment
 from jax_seqgcn import checks
 from jax_seqgcn import data
+from jax_seqgcn import embeddings
 from jax_seqgcn import graph
 from jax_seqgcn import kcenter
 from jax_seqgcn import kcenter_sharded
@@ -35,6 +38,7 @@ from jax_seqgcn import parallel
 from jax_seqgcn import results
 from jax_seqgcn import samplers
 from jax_seqgcn import train
+from jax_seqgcn import tsne
 from jax_seqgcn import workdir
 from jax_seqgcn.augment import PREPROCESSING
 from jax_seqgcn.augment import PreprocessSpec

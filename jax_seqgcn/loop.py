@@ -16,7 +16,11 @@ preprocessed images; Random gets nothing and costs no pass.
 Workdir (see `jax_seqgcn.workdir`): locked for the run; `config.json` (the resolved config, also
 stored in every checkpoint), `results.jsonl` (one line per trial x cycle),
 `labelled/trial{t}_cycle{c}.npy` (indices trained on), `summary.md`, `curve.png`, and
-`checkpoints/` (orbax; the source of truth the other files are rewritten from on resume).
+`checkpoints/` (orbax; the source of truth the other files are rewritten from on resume). With
+`config.al.save_embeddings`, also `embeddings/trial{t}_cycle{c}.npz` for every selection: the
+learner embeddings (float16) of the subset and labelled set, the labelled mask and the picks
+(`jax_seqgcn.embeddings` documents the arrays); a sampler that needs no embedding then costs one
+extra eval pass, which is not counted in `embed_s`.
 
 Every config field is checked before the data is loaded, and the data-dependent ones (pool size,
 targets, image size) right after, before the workdir is written to.
@@ -36,6 +40,7 @@ import numpy as np
 from jax_seqgcn import augment
 from jax_seqgcn import checks
 from jax_seqgcn import data as data_lib
+from jax_seqgcn import embeddings as embeddings_lib
 from jax_seqgcn import models
 from jax_seqgcn import parallel
 from jax_seqgcn import precision
@@ -98,6 +103,8 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
   for name in ("epochs", "batch_size", "eval_batch_size"):
     if not checks.is_int(config.train[name]) or config.train[name] <= 0:
       problems.append(f"train.{name} must be a positive int, got {config.train[name]!r}")
+  if not isinstance(_save_embeddings(config), bool):
+    problems.append(f"al.save_embeddings must be True or False, got {al.save_embeddings!r}")
   problems += _train_problems(config.train)
   try:
     precision.check_compute_dtype(config.train.get("compute_dtype", "float32"))
@@ -172,6 +179,11 @@ def _compute_dtype(config) -> str:
   return config.train.get("compute_dtype", "float32")
 
 
+def _save_embeddings(config):
+  # Configs written before the field existed mean False.
+  return config.al.get("save_embeddings", False)
+
+
 def _comparable(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
@@ -239,14 +251,18 @@ class _Run:
                             compute_dtype=_compute_dtype(self.config))
     return state, metric
 
+  def forward(self, state, nodes: np.ndarray) -> dict:
+    """`train.forward_pool` of the training images `nodes` [M] (every process takes part)."""
+    return train.forward_pool(state, self.model, self.dataset.train_images, nodes,
+                              task=self.task, batch_size=self.config.train.eval_batch_size,
+                              preprocessing=self.preprocessing, mesh=self.mesh,
+                              compute_dtype=_compute_dtype(self.config))
+
   def pool(self, state, nodes: np.ndarray, labelled_mask: np.ndarray) -> samplers.Pool:
     """The `Pool` of `nodes` with just the fields the sampler needs."""
     fields = {}
     if self.sampler.needs & set(_FORWARD_FIELDS):
-      out = train.forward_pool(state, self.model, self.dataset.train_images, nodes,
-                               task=self.task, batch_size=self.config.train.eval_batch_size,
-                               preprocessing=self.preprocessing, mesh=self.mesh,
-                               compute_dtype=_compute_dtype(self.config))
+      out = self.forward(state, nodes)
       out["features"] = out.pop("embedding")
       fields.update({k: out[k] for k in _FORWARD_FIELDS if k in self.sampler.needs})
     if "images" in self.sampler.needs:
@@ -254,8 +270,11 @@ class _Run:
                                                 self.preprocessing)
     return samplers.Pool(labelled_mask, **fields)
 
-  def select(self, key, state, labelled):
-    """Returns (new labelled set, seconds embedding, seconds sampling)."""
+  def select(self, key, state, labelled, save_to: Optional[pathlib.Path] = None):
+    """Returns (new labelled set, seconds embedding, seconds sampling).
+
+    With `save_to`, also writes what the sampler saw there (`embeddings.save`; main process).
+    """
     al = self.config.al
     subset_key, sampler_key = jax.random.split(key)
     unlabelled = np.setdiff1d(np.arange(len(self.dataset.train_images)), labelled)
@@ -270,6 +289,12 @@ class _Run:
     start = time.perf_counter()
     picks = np.asarray(self.sampler(sampler_key, pool, al.budget, **self.options))
     sample_s = time.perf_counter() - start
+    if save_to is not None:
+      features = pool.features
+      if features is None:  # the sampler needed none: one extra pass, not counted in embed_s
+        features = self.forward(state, nodes)["embedding"]
+      if parallel.is_main_process():
+        embeddings_lib.save(save_to, nodes, features, pool.labelled_mask, picks)
     return np.concatenate([labelled, unlabelled[picks]]), embed_s, sample_s
 
   # Checkpoints: global step = trial * cycles + cycle, saved once that cycle is complete.
@@ -378,7 +403,8 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
       embed_s = sample_s = 0.0
       next_labelled = labelled
       if cycle < cycles - 1:
-        next_labelled, embed_s, sample_s = exp.select(select_key, state, labelled)
+        save_to = embeddings_lib.path(workdir, trial, cycle) if _save_embeddings(config) else None
+        next_labelled, embed_s, sample_s = exp.select(select_key, state, labelled, save_to)
       exp.records.append(results_lib.Record(trial, cycle, len(labelled), metric, train_s,
                                             embed_s, sample_s))
       exp.save(step, next_labelled)

@@ -30,7 +30,7 @@ LOCK_FILE = ".lock"
 EXTENSIBLE = ("al.trials",)
 # Config fields added after workdirs were first written, with the value an older workdir (whose
 # config lacks the field) ran with: such a workdir resumes under a config holding that value.
-ADDED_FIELDS = {"train.compute_dtype": "float32"}
+ADDED_FIELDS = {"train.compute_dtype": "float32", "al.save_embeddings": False}
 
 
 class WorkdirError(RuntimeError):
@@ -78,8 +78,9 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def config_differences(saved: Dict[str, Any], resolved: Dict[str, Any]) -> list:
   """Dotted names of the fields that differ, except the extensible ones (a field missing from
-  `saved` that `ADDED_FIELDS` lists counts as its default)."""
-  saved_flat, resolved_flat = {**ADDED_FIELDS, **flatten(saved)}, flatten(resolved)
+  either config that `ADDED_FIELDS` lists counts as its default)."""
+  saved_flat = {**ADDED_FIELDS, **flatten(saved)}
+  resolved_flat = {**ADDED_FIELDS, **flatten(resolved)}
   return sorted(k for k in saved_flat.keys() | resolved_flat.keys()
                 if k not in EXTENSIBLE and saved_flat.get(k) != resolved_flat.get(k))
 
