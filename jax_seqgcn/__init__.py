@@ -19,11 +19,14 @@ Public API (shapes in each docstring):
   `initialize_distributed`.
 * Scale (`kcenter_sharded`): `k_center_greedy_sharded` over a device mesh.
 * Experiments (`loop`, `workdir`, `results`): `run(config, workdir)`, results tables and curves.
+* Own data (`folder`, `own_data`, the `jax-seqgcn` command line in `cli`): `select_features_file`,
+  `select_image_folder` (one selection round, the loop's training), `load_learner`.
 """
 
 from jax_seqgcn import augment
 from jax_seqgcn import checks
 from jax_seqgcn import data
+from jax_seqgcn import folder
 from jax_seqgcn import graph
 from jax_seqgcn import kcenter
 from jax_seqgcn import kcenter_sharded
@@ -31,6 +34,7 @@ from jax_seqgcn import kmedoids
 from jax_seqgcn import loss_prediction
 from jax_seqgcn import loop
 from jax_seqgcn import models
+from jax_seqgcn import own_data
 from jax_seqgcn import parallel
 from jax_seqgcn import results
 from jax_seqgcn import samplers

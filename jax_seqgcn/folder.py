@@ -12,6 +12,7 @@
   resizes every image to image_size x image_size (bilinear, aspect ratio not kept).
 * `image_indices(labels, ids)`: the ids as indices into the image list.
 * `classes(labels)`: class names in sorted order and [L] int32 class indices.
+* `load_features(path)`: a `.npy` [N, D] array (or `.npz` with `features`), finite.
 
 Every problem is an `InputError` naming the file and, for the CSV, the line.
 """
@@ -72,9 +73,9 @@ def read_labels(path) -> Labels:
     raise InputError(f"{path}: cannot read the labels CSV ({err})") from None
   rows = [(line, [field.strip() for field in row]) for line, row in rows if any(row)]
   if not rows or tuple(rows[0][1][:2]) != HEADER:
-    found = ",".join(rows[0][1]) if rows else "an empty file"
+    found = repr(",".join(rows[0][1])) if rows else "an empty file"
     raise InputError(f"{path} line {rows[0][0] if rows else 1}: the header must be "
-                     f"'id,label', found {found!r}")
+                     f"'id,label', found {found}")
   ids, labels, lines = [], [], []
   for line, row in rows[1:]:
     if len(row) < 2 or not row[0] or not row[1]:
@@ -171,7 +172,8 @@ def _open(path: str, image_size: Optional[int]):
   except InputError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-    raise InputError(f"{path}: not a readable PNG or JPEG image ({err})") from None
+    raise InputError(f"{path}: not a readable PNG or JPEG image ({err}); every file in the "
+                     "image folder must be one (hidden files aside): move others out") from None
 
 
 def read_images(directory, ids: Sequence[str], *, image_size: Optional[int] = None,
@@ -251,3 +253,42 @@ def classes(labels: Labels) -> Tuple[List[str], np.ndarray]:
                      "at least two classes")
   position = {name: i for i, name in enumerate(names)}
   return names, np.asarray([position[label] for label in labels.labels], np.int32)
+
+
+def load_features(path) -> np.ndarray:
+  """FEATURES: a `.npy` [N, D] array, or a `.npz` holding one as `features`.
+
+  Returns:
+    [N, D] float32.
+  Raises:
+    InputError: a missing or unreadable file, no `features` array, a rank other than 2, a
+      non-numeric dtype, fewer than 2 rows, or NaN/inf (naming the first bad rows).
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, "rb") as f:
+      loaded = np.load(f, allow_pickle=False)
+      if isinstance(loaded, np.lib.npyio.NpzFile):
+        if "features" not in loaded.files:
+          raise InputError(f"{path}: no 'features' array in the .npz (found "
+                           f"{sorted(loaded.files)}); save it with np.savez(path, "
+                           "features=...)")
+        loaded = loaded["features"]
+  except FileNotFoundError:
+    raise InputError(f"{path}: no such features file") from None
+  except InputError:
+    raise
+  except (OSError, ValueError, EOFError) as err:
+    raise InputError(f"{path}: not a readable .npy/.npz array ({err})") from None
+  if loaded.ndim != 2:
+    raise InputError(f"{path}: features must be [N, D] (rank 2), got shape {loaded.shape}")
+  if not (np.issubdtype(loaded.dtype, np.floating) or np.issubdtype(loaded.dtype, np.integer)):
+    raise InputError(f"{path}: features must be numbers, got dtype {loaded.dtype}")
+  if loaded.shape[0] < 2 or loaded.shape[1] < 1:
+    raise InputError(f"{path}: need at least 2 rows and 1 column, got shape {loaded.shape}")
+  features = loaded.astype(np.float32)
+  bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+  if bad.size:
+    raise InputError(f"{path}: NaN or inf in {bad.size} row(s), first at rows "
+                     f"{bad[:5].tolist()}")
+  return features

@@ -136,45 +136,6 @@ def check_budget(budget, num_unlabelled: int, where: str) -> None:
                      f"examples ({where})")
 
 
-def load_features(path) -> np.ndarray:
-  """FEATURES: a `.npy` [N, D] array, or a `.npz` holding one as `features`.
-
-  Returns:
-    [N, D] float32.
-  Raises:
-    InputError: a missing or unreadable file, no `features` array, a rank other than 2, a
-      non-numeric dtype, fewer than 2 rows, or NaN/inf (naming the first bad rows).
-  """
-  path = os.fspath(path)
-  try:
-    with open(path, "rb") as f:
-      loaded = np.load(f, allow_pickle=False)
-      if isinstance(loaded, np.lib.npyio.NpzFile):
-        if "features" not in loaded.files:
-          raise InputError(f"{path}: no 'features' array in the .npz (found "
-                           f"{sorted(loaded.files)}); save it with np.savez(path, "
-                           "features=...)")
-        loaded = loaded["features"]
-  except FileNotFoundError:
-    raise InputError(f"{path}: no such features file") from None
-  except InputError:
-    raise
-  except (OSError, ValueError, EOFError) as err:
-    raise InputError(f"{path}: not a readable .npy/.npz array ({err})") from None
-  if loaded.ndim != 2:
-    raise InputError(f"{path}: features must be [N, D] (rank 2), got shape {loaded.shape}")
-  if not (np.issubdtype(loaded.dtype, np.floating) or np.issubdtype(loaded.dtype, np.integer)):
-    raise InputError(f"{path}: features must be numbers, got dtype {loaded.dtype}")
-  if loaded.shape[0] < 2 or loaded.shape[1] < 1:
-    raise InputError(f"{path}: need at least 2 rows and 1 column, got shape {loaded.shape}")
-  features = loaded.astype(np.float32)
-  bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
-  if bad.size:
-    raise InputError(f"{path}: NaN or inf in {bad.size} row(s), first at rows "
-                     f"{bad[:5].tolist()}")
-  return features
-
-
 def _check_outputs(out, workdir, labels_path, force: bool):
   """(out, workdir) as absolute paths; InputError for an output that must not be replaced."""
   out = pathlib.Path(os.path.abspath(out))
@@ -255,7 +216,7 @@ def select_features_file(features_path, labels_path, budget: int, sampler_name: 
                      "features file does not give: pass --images DIR (trains a learner on the "
                      "labelled images and computes them), or use a sampler that needs only "
                      f"features ({', '.join(usable)})")
-  features = load_features(features_path)
+  features = folder.load_features(features_path)
   labels = folder.read_labels(labels_path)
   labelled = folder.row_indices(labels, len(features))
   mask = np.zeros(len(features), bool)
