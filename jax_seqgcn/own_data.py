@@ -19,16 +19,20 @@ Deliberate choices:
   Entropy (entropy, nats), Margin (top-1 minus top-2 probability), LeastConfidence (top-1
   probability), LearningLoss (predicted loss), UncertainGCN and UncertainDiscriminator (the
   discriminator's score in (0, 1), "looks labelled"; picked closest to s_margin first; recomputed
-  with the sampler's key, which trains the GCN a second time). The other samplers pick sets
-  (k-center, k-means++, k-medoids, random, VAAL's ranking inside its own training): no column.
+  with the sampler's key, which trains the GCN a second time). Random, CoreSet, CoreGCN,
+  FeatProp and BADGE pick sets (random, k-center, k-medoids, k-means++), and VAAL keeps its
+  discriminator's scores inside the sampler: no column.
 * Outputs are written only after every check and the whole computation succeeded: PICKS.csv
-  atomically (tmp file + rename); an existing one is refused unless `force`. The images form
+  atomically (tmp file + rename); an existing one is refused unless `force` (which replaces a
+  workdir only if it holds `select.json`: never a folder of other files). The images form
   also keeps a workdir (default PICKS.workdir next to PICKS.csv): `config.json` (resolved
   config), `select.json` (class names, image ids in index order, labelled and picked ids,
   scores, seconds), `picks.csv` and `checkpoints/` (the trained learner, orbax), built in a
   hidden folder and renamed into place; `load_learner(workdir)` reads it back.
 """
 
+import csv
+import io
 import json
 import os
 import pathlib
@@ -136,8 +140,12 @@ def check_budget(budget, num_unlabelled: int, where: str) -> None:
                      f"examples ({where})")
 
 
-def _check_outputs(out, workdir, labels_path, force: bool):
-  """(out, workdir) as absolute paths; InputError for an output that must not be replaced."""
+def _check_outputs(out, workdir, labels_path, force: bool, images_dir=None):
+  """(out, workdir) as absolute paths; InputError for an output that must not be replaced.
+
+  `force` replaces an existing `out`, and an existing workdir only if it is one of ours (holds
+  `select.json`) and holds none of the inputs: never a folder of other files.
+  """
   out = pathlib.Path(os.path.abspath(out))
   if out == pathlib.Path(os.path.abspath(labels_path)):
     raise InputError(f"{out}: the output would overwrite the labels file; choose another --out")
@@ -145,13 +153,23 @@ def _check_outputs(out, workdir, labels_path, force: bool):
     raise InputError(f"{out}: is a folder; --out must be a file name such as picks.csv")
   if out.exists() and not force:
     raise InputError(f"{out} exists; pass --force to replace it, or choose another --out")
-  if workdir is not None:
-    workdir = pathlib.Path(os.path.abspath(workdir))
-    if workdir.exists() and not workdir.is_dir():
-      raise InputError(f"{workdir}: exists and is not a folder")
-    if workdir.exists() and any(workdir.iterdir()) and not force:
+  if workdir is None:
+    return out, None
+  workdir = pathlib.Path(os.path.abspath(workdir))
+  for kind, path in (("--out", out), ("--labels", labels_path), ("--images", images_dir)):
+    path = None if path is None else pathlib.Path(os.path.abspath(path))
+    if path is not None and (path == workdir or workdir in path.parents):
+      raise InputError(f"{workdir}: the workdir would hold {kind} {path}; choose another "
+                       "--workdir")
+  if workdir.exists() and not workdir.is_dir():
+    raise InputError(f"{workdir}: exists and is not a folder; choose another --workdir")
+  if workdir.exists() and any(workdir.iterdir()):
+    if not force:
       raise InputError(f"{workdir} exists; pass --force to replace it, or choose another "
                        "--workdir")
+    if not (workdir / "select.json").is_file():
+      raise InputError(f"{workdir} exists and is not a workdir of jax-seqgcn select (no "
+                       "select.json); not replacing it, even with --force")
   return out, workdir
 
 
@@ -163,16 +181,13 @@ def default_workdir(out) -> pathlib.Path:
 
 def picks_csv_text(picks: Picks) -> str:
   """The PICKS.csv text: header `rank,id[,score]`, one row per pick, rank from 1."""
-  header = "rank,id" if picks.scores is None else "rank,id,score"
-  rows = [header]
+  text = io.StringIO()
+  writer = csv.writer(text, lineterminator="\n")
+  writer.writerow(["rank", "id"] + ([] if picks.scores is None else ["score"]))
   for rank, id_ in enumerate(picks.ids, 1):
-    row = f"{rank},{_csv_field(id_)}"
-    rows.append(row if picks.scores is None else f"{row},{picks.scores[rank - 1]:.7g}")
-  return "\n".join(rows) + "\n"
-
-
-def _csv_field(text: str) -> str:
-  return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+    writer.writerow([rank, id_] + ([] if picks.scores is None
+                                   else [f"{picks.scores[rank - 1]:.7g}"]))
+  return text.getvalue()
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:
@@ -303,7 +318,7 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
     loop.RunError: the learner diverged; nothing is written.
   """
   workdir = default_workdir(out) if workdir is None else workdir
-  out, workdir = _check_outputs(out, workdir, labels_path, force)
+  out, workdir = _check_outputs(out, workdir, labels_path, force, images_dir)
   sampler, options = resolve_sampler(sampler_name, options)
   if learner not in models.LEARNERS or learner == "deepprior":
     raise InputError(f"unknown learner {learner!r}; valid: small_cnn, resnet18, vgg11")

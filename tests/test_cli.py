@@ -215,6 +215,9 @@ BAD_INPUTS = [
       "--images DIR", "CoreSet"]),
     ("needs a learner", "features", ["--sampler", "VAAL"], ["sampler VAAL needs images,"]),
     ("workdir with features", "features", ["--workdir", "w"], ["--workdir", "only apply with"]),
+    ("foreign workdir", "images", ["--force"],
+     ["other exists and is not a workdir of jax-seqgcn select", "even with --force"]),
+    ("workdir holds the inputs", "images", ["--force"], ["the workdir would hold --out"]),
 ]
 
 
@@ -258,12 +261,21 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(small, capsys, case, fo
     (tmp_path / "rows.csv").write_text("id,label\n0,Bag\n30,Coat\n")
   elif case == "row not an index":
     (tmp_path / "rows.csv").write_text("id,label\na.png,Bag\n")
+  elif case == "foreign workdir":
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "thesis.tex").write_text("precious")
+    extra = extra + ["--workdir", tmp_path / "other"]
+  elif case == "workdir holds the inputs":
+    extra = extra + ["--workdir", tmp_path]
   before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
   if form == "images":
     args = ["--images", images_dir, "--labels", labels, "--epochs", 1]
   else:
     args = ["--features", tmp_path / "features.npy", "--labels", tmp_path / "rows.csv"]
   flags = {"--sampler": "CoreGCN", "--budget": 5}
+  if "--force" in extra:
+    args.append("--force")
+    extra = [e for e in extra if e != "--force"]
   flags.update(dict(zip(extra[::2], extra[1::2])))
   for flag, value in flags.items():
     args += [flag, value]
