@@ -97,18 +97,17 @@ def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
                       help="replace an existing PICKS.csv (and workdir); without it they are "
                            "refused")
   learner = parser.add_argument_group("with --images")
-  learner.add_argument("--learner", default=own_data.IMAGE_DEFAULTS["learner"],
-                       choices=("small_cnn", "resnet18", "vgg11"),
-                       help="learner network (default %(default)s)")
-  learner.add_argument("--epochs", type=_positive_int, default=own_data.IMAGE_DEFAULTS["epochs"],
-                       help="training epochs (default %(default)s)")
+  # Defaults are filled in by _run_select, so that these flags given with --features are errors.
+  defaults = own_data.IMAGE_DEFAULTS
+  learner.add_argument("--learner", choices=("small_cnn", "resnet18", "vgg11"),
+                       help=f"learner network (default {defaults['learner']})")
+  learner.add_argument("--epochs", type=_positive_int,
+                       help=f"training epochs (default {defaults['epochs']})")
   learner.add_argument("--batch_size", type=_positive_int,
-                       default=own_data.IMAGE_DEFAULTS["batch_size"],
-                       help="training batch size (default %(default)s)")
+                       help=f"training batch size (default {defaults['batch_size']})")
   learner.add_argument("--learning_rate", type=_positive_float,
-                       default=own_data.IMAGE_DEFAULTS["learning_rate"],
                        help="SGD learning rate, x0.1 at 80%% of the epochs (default "
-                            "%(default)s)")
+                            f"{defaults['learning_rate']})")
   learner.add_argument("--image_size", type=_positive_int, metavar="S",
                        help="resize every image to SxS (needed when the sizes differ)")
   learner.add_argument("--workdir", metavar="W",
@@ -124,18 +123,20 @@ def _run_select(args: argparse.Namespace) -> int:
       raise own_data.InputError(f"--option {name} is given twice")
     options[name] = value
   common = dict(options=options, seed=args.seed, force=args.force)
+  image_only = {name: getattr(args, name) for name in own_data.IMAGE_DEFAULTS}
+  image_only.update(image_size=args.image_size, workdir=args.workdir)
   if args.features is not None:
-    image_only = [flag for flag, value in (("--workdir", args.workdir),
-                                           ("--image_size", args.image_size)) if value]
-    if image_only:
-      raise own_data.InputError(f"{', '.join(image_only)} only apply with --images")
+    given = [f"--{name}" for name, value in image_only.items() if value is not None]
+    if given:
+      raise own_data.InputError(f"{', '.join(given)} only apply with --images")
     own_data.select_features_file(args.features, args.labels, args.budget, args.sampler,
                                   args.out, **common)
   else:
-    own_data.select_image_folder(
-        args.images, args.labels, args.budget, args.sampler, args.out, learner=args.learner,
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        image_size=args.image_size, workdir=args.workdir, **common)
+    settings = {name: own_data.IMAGE_DEFAULTS[name] if value is None else value
+                for name, value in image_only.items() if name in own_data.IMAGE_DEFAULTS}
+    own_data.select_image_folder(args.images, args.labels, args.budget, args.sampler, args.out,
+                                 image_size=args.image_size, workdir=args.workdir, **settings,
+                                 **common)
   return 0
 
 

@@ -215,6 +215,7 @@ BAD_INPUTS = [
       "--images DIR", "CoreSet"]),
     ("needs a learner", "features", ["--sampler", "VAAL"], ["sampler VAAL needs images,"]),
     ("workdir with features", "features", ["--workdir", "w"], ["--workdir", "only apply with"]),
+    ("epochs with features", "features", ["--epochs", 3], ["--epochs only apply with --images"]),
     ("foreign workdir", "images", ["--force"],
      ["other exists and is not a workdir of jax-seqgcn select", "even with --force"]),
     ("workdir holds the inputs", "images", ["--force"], ["the workdir would hold --out"]),
