@@ -21,12 +21,15 @@ Public API (shapes in each docstring):
 * Experiments (`loop`, `workdir`, `results`): `run(config, workdir)`, results tables and curves.
 * Inspection (`embeddings`, `tsne`): selections saved with `config.al.save_embeddings`, and
   t-SNE figures of them (scikit-learn, an optional extra).
+* Own data (`folder`, `own_data`, the `jax-seqgcn` command line in `cli`): `select_features_file`,
+  `select_image_folder` (one selection round, the loop's training), `load_learner`.
 """
 
 from jax_seqgcn import augment
 from jax_seqgcn import checks
 from jax_seqgcn import data
 from jax_seqgcn import embeddings
+from jax_seqgcn import folder
 from jax_seqgcn import graph
 from jax_seqgcn import kcenter
 from jax_seqgcn import kcenter_sharded
@@ -34,6 +37,7 @@ from jax_seqgcn import kmedoids
 from jax_seqgcn import loss_prediction
 from jax_seqgcn import loop
 from jax_seqgcn import models
+from jax_seqgcn import own_data
 from jax_seqgcn import parallel
 from jax_seqgcn import results
 from jax_seqgcn import samplers

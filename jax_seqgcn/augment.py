@@ -9,7 +9,8 @@ Per dataset (protocol §2):
     side and a random horizontal flip (training only), then pixels / 255 and
     `(x - mean) / std` with CIFAR-10's statistics (the reference uses them for CIFAR-100
     too).
-  * SVHN, Fashion-MNIST, own npz data: pixels / 255, no augmentation, no normalisation.
+  * SVHN, Fashion-MNIST, own npz data, own image folders ("folder"): pixels / 255, no
+    augmentation, no normalisation.
 
 Scaling follows torchvision's `ToTensor`: integer images are divided by 255, floating
 images are used as they are (so npz data already in [0, 1] or normalised depth crops pass
@@ -55,6 +56,7 @@ PREPROCESSING = {
     "svhn_cropped": _PLAIN,
     "fashion_mnist": _PLAIN,
     "npz": _PLAIN,
+    "folder": _PLAIN,  # own image files (`jax-seqgcn select --images`), like own npz data
 }
 
 

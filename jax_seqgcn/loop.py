@@ -68,7 +68,8 @@ def _config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] = None) -> None:
+def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] = None, *,
+                    in_memory: bool = False) -> None:
   """Raises `ConfigError` (one message listing every problem) for a config that cannot run.
 
   Checks every section (data, learner, train, al, sampler and the chosen sampler's options)
@@ -77,15 +78,17 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
   Args:
     config: experiment config (see configs/default.py).
     pool_size: size of the training split, to check that the cycles fit in the pool.
+    in_memory: the caller builds the `Dataset` itself (`jax-seqgcn select --images`), so
+      `data.name` need only name a preprocessing (`augment.PREPROCESSING`), not a loader.
   """
   problems = []
   sampler = samplers.SAMPLERS.get(config.sampler.name)
   if sampler is None:
     problems.append(f"unknown sampler {config.sampler.name!r}; valid: "
                     f"{', '.join(samplers.SAMPLERS)}")
-  if config.data.name not in data_lib.DATASETS:
-    problems.append(f"unknown dataset {config.data.name!r}; valid: "
-                    f"{', '.join(data_lib.DATASETS)}")
+  datasets = tuple(augment.PREPROCESSING) if in_memory else data_lib.DATASETS
+  if config.data.name not in datasets:
+    problems.append(f"unknown dataset {config.data.name!r}; valid: {', '.join(datasets)}")
   if config.learner.name not in models.LEARNERS:
     problems.append(f"unknown learner {config.learner.name!r}; valid: "
                     f"{', '.join(models.LEARNERS)}")
@@ -227,8 +230,16 @@ class _Run:
     return np.asarray(perm[:self.config.al.initial], np.int64)
 
   def train_and_test(self, key, labelled, prefix):
+    state = self.train(key, labelled, prefix)
+    return state, self.test(state)
+
+  def train(self, key, labelled, prefix, *, stream=None):
+    """A fresh learner trained on the pool images `labelled` ([L] indices).
+
+    Progress lines go to `stream` (None: stderr); a non-finite epoch loss raises `RunError`.
+    """
     every = max(1, self.config.train.epochs // 5)
-    shown = (train.text_progress(every=every, prefix=prefix)
+    shown = (train.text_progress(every=every, prefix=prefix, stream=stream)
              if parallel.is_main_process() else None)
 
     def progress(epoch, epochs, metrics):
@@ -241,15 +252,17 @@ class _Run:
         shown(epoch, epochs, metrics)
 
     extra = {} if self.loss_prediction is None else {"loss_prediction": self.loss_prediction}
-    state = train.fit(key, self.model, self.dataset.train_images[labelled],
-                      self.dataset.train_targets[labelled], preprocessing=self.preprocessing,
-                      mesh=self.mesh, progress=progress, **_fit_kwargs(self.config), **extra)
-    metric = train.evaluate(state, self.model, self.dataset.test_images,
-                            self.dataset.test_targets, task=self.task,
-                            batch_size=self.config.train.eval_batch_size,
-                            preprocessing=self.preprocessing, mesh=self.mesh,
-                            compute_dtype=_compute_dtype(self.config))
-    return state, metric
+    return train.fit(key, self.model, self.dataset.train_images[labelled],
+                     self.dataset.train_targets[labelled], preprocessing=self.preprocessing,
+                     mesh=self.mesh, progress=progress, **_fit_kwargs(self.config), **extra)
+
+  def test(self, state) -> float:
+    """The test metric of a trained learner on the dataset's test split."""
+    return train.evaluate(state, self.model, self.dataset.test_images,
+                          self.dataset.test_targets, task=self.task,
+                          batch_size=self.config.train.eval_batch_size,
+                          preprocessing=self.preprocessing, mesh=self.mesh,
+                          compute_dtype=_compute_dtype(self.config))
 
   def forward(self, state, nodes: np.ndarray) -> dict:
     """`train.forward_pool` of the training images `nodes` [M] (every process takes part)."""

@@ -1,0 +1,8 @@
+"""`python -m jax_seqgcn ...`: the `jax-seqgcn` command line (see `jax_seqgcn.cli`)."""
+
+import sys
+
+from jax_seqgcn import cli
+
+if __name__ == "__main__":
+  sys.exit(cli.main())
