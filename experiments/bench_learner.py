@@ -39,7 +39,8 @@ CASES = {
 }
 
 
-def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, seed: int = 0) -> dict:
+def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, seed: int = 0,
+          compute_dtype: str = "float32") -> dict:
   """Trains `name` for 1 + `epochs` epochs on random data; returns timings of the last ones."""
   shape = CASES[name]["shape"]
   rng = np.random.default_rng(seed)
@@ -50,12 +51,14 @@ def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, seed: i
   start = time.perf_counter()
   train.fit(jax.random.key(seed), model, images, labels, epochs=1 + epochs,
             batch_size=batch_size, preprocessing=CASES[name]["preprocessing"], milestones=(),
+            compute_dtype=compute_dtype,
             progress=lambda epoch, total, metrics: stamps.append(time.perf_counter()))
   epoch_seconds = np.diff(stamps)
   steps = -(-num_examples // batch_size)
   return {
       "learner": name,
       "batch_size": batch_size,
+      "compute_dtype": compute_dtype,
       "image_shape": list(shape),
       "examples_per_epoch": num_examples,
       "steps_per_epoch": steps,
@@ -90,6 +93,8 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=2, help="timed epochs per case")
   parser.add_argument("--resnet_examples", type=int, default=256)
   parser.add_argument("--small_examples", type=int, default=4096)
+  parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="jax-seqgcn's compute dtype (PyTorch always runs float32)")
   parser.add_argument("--torch", action="store_true",
                       help="also train each case in PyTorch (if installed) and print the ratio")
   args = parser.parse_args()
@@ -103,7 +108,8 @@ def main() -> None:
     if name not in CASES:
       raise SystemExit(f"unknown learner {name!r}; choose from {sorted(CASES)}")
     examples = args.resnet_examples if name == "resnet18" else args.small_examples
-    record = bench(name, int(batch), num_examples=examples, epochs=args.epochs)
+    record = bench(name, int(batch), num_examples=examples, epochs=args.epochs,
+                   compute_dtype=args.compute_dtype)
     if with_torch:
       theirs = bench_torch.bench(name, int(batch), num_examples=examples, epochs=args.epochs,
                                  shape=CASES[name]["shape"],

@@ -38,8 +38,8 @@ from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dens
 def batch_norm(train: bool, name: str | None = None) -> BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5), scale 1, bias 0.
 
-  `jax_seqgcn.models.batchnorm.BatchNorm`: Flax's layer (same variables and values) with a
-  closed-form gradient that trains ResNet-18 faster on CPU.
+  `jax_seqgcn.models.batchnorm.BatchNorm`: Flax's layer (same variables and values) that keeps
+  a bfloat16 input's dtype (mixed precision) and has a closed-form gradient.
 
   Args:
     train: if True normalise with batch statistics and update 'batch_stats'; else use the running
