@@ -110,7 +110,7 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
     problems.append(f"al.save_embeddings must be True or False, got {al.save_embeddings!r}")
   problems += _train_problems(config.train)
   try:
-    precision.check_compute_dtype(config.train.get("compute_dtype", "float32"))
+    precision.check_compute_dtype(_compute_dtype(config))
   except ValueError as err:
     problems.append(f"train.{err}")
   if sampler is not None:
