@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from jax_seqgcn import tsne  # matplotlib and scikit-learn are imported only when drawing
+
 PROG = "jax-seqgcn"
 USAGE_ERROR, RUN_ERROR = 2, 1
 
@@ -147,14 +149,8 @@ COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None],
     "select": ("pick the next examples to label from own data (features or an image folder)",
                _add_select_arguments, _run_select),
     "tsne": ("t-SNE figure of saved selections (runs with config.al.save_embeddings=True)",
-             lambda parser: _tsne().add_arguments(parser), lambda args: _tsne().run(args)),
+             tsne.add_arguments, tsne.run),
 }
-
-
-def _tsne():
-  # Imported when used: the module pulls in matplotlib.
-  from jax_seqgcn import tsne  # pylint: disable=g-import-not-at-top
-  return tsne
 
 
 def build_parser() -> argparse.ArgumentParser:
