@@ -7,7 +7,14 @@ Flax and ~40 in PyTorch):
 
 Each case runs `fit` for 1 + E epochs over N random uint8 images; the first epoch includes
 compilation and is excluded. Epoch times come from the `progress` callback, which fetches
-the epoch metrics and so waits for the device. Default runtime on 2 CPU cores: ~2-3 min.
+the epoch metrics and so waits for the device. ResNet-18 epochs default to 1,024 examples,
+8 steps: the CIFAR protocol's first cycle (1,000 labels) and so its shortest epoch. Each
+epoch is one XLA run that faults in 2.9 GB of fresh buffers; without huge pages a 2-step
+epoch (the earlier default of 256 examples) charged that to 2 steps instead of 8 and read 8%
+slower (28.7 against 31.1 images/s).
+Like experiments/main.py, the script first restarts itself with huge pages where that helps
+(jax_seqgcn/host_memory.py; PyTorch, in the same process, gets them too). Default runtime on
+2 CPU cores: ~4 min, ~7 min with --torch.
 
 With --torch (needs PyTorch, which is not a dependency; skipped with a note when missing), each
 case is also trained in PyTorch right after (experiments/bench_torch.py: the same architecture,
@@ -30,6 +37,7 @@ import jax
 import numpy as np
 
 import bench_torch
+from jax_seqgcn import host_memory
 from jax_seqgcn import models
 from jax_seqgcn import train
 
@@ -83,6 +91,7 @@ def device_info() -> dict:
       "python": platform.python_version(),
       "machine": platform.machine(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get(host_memory.ENV_VAR, ""),
   }
 
 
@@ -91,13 +100,14 @@ def main() -> None:
   parser.add_argument("--cases", default="resnet18:128,small_cnn:64,small_cnn:128",
                       help="comma-separated learner:batch_size")
   parser.add_argument("--epochs", type=int, default=2, help="timed epochs per case")
-  parser.add_argument("--resnet_examples", type=int, default=256)
+  parser.add_argument("--resnet_examples", type=int, default=1024)
   parser.add_argument("--small_examples", type=int, default=4096)
   parser.add_argument("--compute_dtype", default="float32", choices=("float32", "bfloat16"),
                       help="jax-seqgcn's compute dtype (PyTorch always runs float32)")
   parser.add_argument("--torch", action="store_true",
                       help="also train each case in PyTorch (if installed) and print the ratio")
   args = parser.parse_args()
+  host_memory.reexec_with_hugepages()
   with_torch = args.torch and bench_torch.available()
   if args.torch and not with_torch:
     print("bench_learner: PyTorch is not installed; skipping the PyTorch comparison",

@@ -5,6 +5,10 @@
 
 Multi-host: start one process per host with --coordinator=HOST:PORT --num_processes=P
 --process_id=I (CPU hosts use gloo collectives); exactly one process writes results.
+
+On Linux the process first restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+(jax_seqgcn/host_memory.py: huge pages for XLA:CPU's per-epoch buffers);
+JAX_SEQGCN_HUGEPAGES=0 turns that off.
 """
 
 import os
@@ -32,6 +36,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  from jax_seqgcn import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_hugepages()  # once, before any work: see its docstring
   # tfds must not grab accelerator memory (STYLE.md); TF is only imported if tfds is used.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from jax_seqgcn import compilation_cache, data, loop, parallel, workdir  # pylint: disable=g-import-not-at-top

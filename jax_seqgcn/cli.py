@@ -168,13 +168,18 @@ def main(argv: Optional[List[str]] = None) -> int:
   """Runs `jax-seqgcn` with `argv` (None: sys.argv[1:]); returns the exit code.
 
   Bad input (`folder.InputError`, `loop.ConfigError`) and runs that fail after the checks
-  (`loop.RunError`, OSError) print one line to stderr, no traceback.
+  (`loop.RunError`, OSError) print one line to stderr, no traceback. Run as a program
+  (`argv` None), it first restarts itself with huge pages where that helps
+  (`host_memory.reexec_with_hugepages`).
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
     args = build_parser().parse_args(argv)
   except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
     return exit_.code
+  if argv is None:  # run as a program (not called from Python): see host_memory
+    from jax_seqgcn import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reexec_with_hugepages()
   from jax_seqgcn import folder, loop  # pylint: disable=g-import-not-at-top
   prefix = f"{PROG} {args.command}: error:"
   try:

@@ -80,3 +80,35 @@ def test_max_pool_after_relu_has_select_and_scatter_gradients():
            for pool in (lambda h: conv.max_pool(h, 2), flax_pool)]
   assert np.mean(np.asarray(flax_pool(nn.relu(x))) == 0) > 0.1
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_patch_matmul_equals_matmul_in_value_and_gradient(dtype):
+  patches = jax.random.normal(jax.random.key(2), (3, 5, 4, 18)).astype(dtype)
+  weights = jax.random.normal(jax.random.key(3), (18, 7)).astype(dtype)
+  cotangent = jax.random.normal(jax.random.key(4), (3, 5, 4, 7)).astype(dtype)
+  ours, ours_vjp = jax.vjp(conv.patch_matmul, patches, weights)
+  plain, plain_vjp = jax.vjp(jnp.matmul, patches, weights)
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(plain, np.float32),
+                             rtol=tol, atol=tol)
+  for got, want in zip(ours_vjp(cotangent), plain_vjp(cotangent)):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol * 10)
+  # The weight gradient by hand: sum over every pixel of patch (x) output gradient.
+  by_hand = np.einsum("bhwk,bhwo->ko", np.asarray(patches, np.float64),
+                      np.asarray(cotangent, np.float64))
+  np.testing.assert_allclose(np.asarray(ours_vjp(cotangent)[1], np.float64), by_hand,
+                             rtol=tol, atol=tol * 10)
+
+
+def test_patch_matmul_has_second_derivatives():
+  patches = jax.random.normal(jax.random.key(5), (6, 4))
+  weights = jax.random.normal(jax.random.key(6), (4, 3))
+  def loss(w):
+    return jnp.sum(jnp.tanh(conv.patch_matmul(patches, w)))
+  def plain(w):
+    return jnp.sum(jnp.tanh(patches @ w))
+  np.testing.assert_allclose(jax.jacrev(jax.grad(loss))(weights),
+                             jax.jacrev(jax.grad(plain))(weights), rtol=1e-5, atol=1e-5)
