@@ -13,16 +13,17 @@ epoch is one XLA run that faults in 2.9 GB of fresh buffers; without huge pages 
 epoch (the earlier default of 256 examples) charged that to 2 steps instead of 8 and read 8%
 slower (28.7 against 31.1 images/s).
 Like experiments/main.py, the script first restarts itself with huge pages where that helps
-(jax_seqgcn/host_memory.py; PyTorch, in the same process, gets them too). Default runtime on
+(jax_seqgcn/host_memory.py; the PyTorch process inherits them). Default runtime on
 2 CPU cores: ~4 min, ~7 min with --torch.
 
 With --torch (needs PyTorch, which is not a dependency; skipped with a note when missing), each
-case is also trained in PyTorch right after (experiments/bench_torch.py: the same architecture,
-batch, optimiser and augmentation), and the record gets `torch_images_per_s` and
-`ratio_vs_torch` = our images/s over PyTorch's, both measured in this one run.
+case is also trained in PyTorch right after, in a fresh process (experiments/bench_torch.py:
+the same architecture, batch, optimiser and augmentation; see `bench_in_subprocess` for why not
+in this process), and the record gets `torch_images_per_s` and `ratio_vs_torch` = our images/s
+over PyTorch's, both measured in this one run.
 
   python experiments/bench_learner.py [--cases resnet18:128,small_cnn:64,small_cnn:128]
-      [--epochs 2] [--resnet_examples 256] [--small_examples 4096] [--torch]
+      [--epochs 2] [--resnet_examples 1024] [--small_examples 4096] [--torch]
       [--compute_dtype float32|bfloat16]
 """
 
@@ -121,9 +122,9 @@ def main() -> None:
     record = bench(name, int(batch), num_examples=examples, epochs=args.epochs,
                    compute_dtype=args.compute_dtype)
     if with_torch:
-      theirs = bench_torch.bench(name, int(batch), num_examples=examples, epochs=args.epochs,
-                                 shape=CASES[name]["shape"],
-                                 augment=CASES[name]["preprocessing"] == "cifar10")
+      theirs = bench_torch.bench_in_subprocess(
+          name, int(batch), num_examples=examples, epochs=args.epochs,
+          augment=CASES[name]["preprocessing"] == "cifar10")
       record.update(torch=theirs["framework"], torch_images_per_s=theirs["images_per_s"],
                     ratio_vs_torch=round(record["images_per_s"] / theirs["images_per_s"], 3))
     print(f"{name} batch {batch}: {record['images_per_s']} images/s"

@@ -9,11 +9,15 @@ images, turned into float tensors once (a DataLoader's per-image Python work wou
 PyTorch down); CIFAR-style augmentation (random crop from a 4-pixel zero padding + horizontal
 flip) is done per batch with tensor ops, then `(x - mean) / std`, as jax-seqgcn does on device.
 
-  python experiments/bench_torch.py   # prints the same JSON records as bench_learner.py
+  python experiments/bench_torch.py [--learner resnet18 --batch_size 128 --examples 1024
+      --augment]   # prints one JSON record like bench_learner.py's
 """
 
+import argparse
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -148,8 +152,38 @@ def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, shape, 
   }
 
 
+def bench_in_subprocess(name: str, batch_size: int, *, num_examples: int, epochs: int,
+                        augment: bool, timeout: float = 3600) -> dict:
+  """`bench` in a fresh Python process (this file run as a script); returns its record.
+
+  bench_learner.py measures PyTorch this way: in one process the two frameworks' thread pools
+  and allocators outlive their runs and slow down whichever framework runs next (measured: the
+  same small-CNN case, repeated in one process after PyTorch had run, went from 3,400 to 2,900
+  images/s for jax-seqgcn and from 2,950 to 3,940 for PyTorch).
+  """
+  command = [sys.executable, __file__, "--learner", name, "--batch_size", str(batch_size),
+             "--examples", str(num_examples), "--epochs", str(epochs)]
+  if augment:
+    command.append("--augment")
+  out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(f"bench_torch.py failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+  return json.loads(out.stdout)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--learner", choices=("small_cnn", "resnet18"), default="small_cnn")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--examples", type=int, default=4096)
+  parser.add_argument("--epochs", type=int, default=2)
+  parser.add_argument("--augment", action="store_true",
+                      help="CIFAR-style crop + flip + normalisation (bench_learner's resnet18)")
+  args = parser.parse_args()
+  shape = (32, 32, 3) if args.learner == "resnet18" else (28, 28, 1)
+  print(json.dumps(bench(args.learner, args.batch_size, num_examples=args.examples,
+                         epochs=args.epochs, shape=shape, augment=args.augment), indent=2))
+
+
 if __name__ == "__main__":
-  print(json.dumps([bench("small_cnn", 64, num_examples=4096, epochs=2, shape=(28, 28, 1),
-                          augment=False),
-                    bench("resnet18", 128, num_examples=256, epochs=2, shape=(32, 32, 3),
-                          augment=True)], indent=2))
+  main()
