@@ -83,7 +83,7 @@ def patch_matmul(patches: jax.Array, weights: jax.Array) -> jax.Array:
   the 1-channel first layer a very thin dot ([pixels, 9]^T [pixels, 32]) that ran at ~7
   GFLOP/s. Written here as one contraction over the pixel axis of both operands, XLA takes
   both in their natural layout. Measured on our 2-core CPU: small CNN training 3,000 ->
-  3,500 images/s, ResNet-18 32 -> 36.
+  3,400-3,500 images/s, ResNet-18 32 -> 36.
 
   Args:
     patches: [..., K] im2col patches (K = k * k * in_channels).
