@@ -177,14 +177,19 @@ def _fit_kwargs(config) -> dict:
               compute_dtype=_compute_dtype(config))
 
 
+def _added_field(config, dotted: str):
+  # A config written before the field existed (e.g. a resumed workdir's) means the value
+  # older runs had, which `workdir.ADDED_FIELDS` holds.
+  section, name = dotted.split(".")
+  return config[section].get(name, workdir_lib.ADDED_FIELDS[dotted])
+
+
 def _compute_dtype(config) -> str:
-  # Configs written before the field existed (e.g. a resumed workdir's) mean float32.
-  return config.train.get("compute_dtype", "float32")
+  return _added_field(config, "train.compute_dtype")
 
 
 def _save_embeddings(config):
-  # Configs written before the field existed mean False.
-  return config.al.get("save_embeddings", False)
+  return _added_field(config, "al.save_embeddings")
 
 
 def _comparable(config) -> dict:
