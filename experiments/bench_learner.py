@@ -20,10 +20,12 @@ With --torch (needs PyTorch, which is not a dependency; skipped with a note when
 case is also trained in PyTorch right after, in a fresh process (experiments/bench_torch.py:
 the same architecture, batch, optimiser and augmentation; see `bench_in_subprocess` for why not
 in this process), and the record gets `torch_images_per_s` and `ratio_vs_torch` = our images/s
-over PyTorch's, both measured in this one run.
+over PyTorch's, both measured in this one run. Both rates move by up to ±20% from run to run
+on a shared machine; `--repeats R` measures each case R times, alternating the two frameworks,
+and reports the medians and every repeat.
 
   python experiments/bench_learner.py [--cases resnet18:128,small_cnn:64,small_cnn:128]
-      [--epochs 2] [--resnet_examples 1024] [--small_examples 4096] [--torch]
+      [--epochs 2] [--resnet_examples 1024] [--small_examples 4096] [--torch] [--repeats 1]
       [--compute_dtype float32|bfloat16]
 """
 
@@ -79,6 +81,36 @@ def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, seed: i
   }
 
 
+def summarise(ours: list[dict], theirs: list[dict]) -> dict:
+  """One record per case from R repeats: our first record, with medians when R > 1.
+
+  Args:
+    ours: R records from `bench`, in the order run.
+    theirs: R records from `bench_torch.bench_in_subprocess` run alternately with ours, or [].
+  Returns:
+    The case's record. `images_per_s` (and `torch_images_per_s`) is the median over the
+    repeats, `ratio_vs_torch` the ratio of the two medians; with R > 1 the record also lists
+    every repeat's rates (`repeat_images_per_s`, `repeat_torch_images_per_s`) and ratios
+    (`repeat_ratios`).
+  """
+  record = dict(ours[0])
+  rates = [r["images_per_s"] for r in ours]
+  record["images_per_s"] = round(float(np.median(rates)), 1)
+  if len(ours) > 1:
+    record.update(repeats=len(ours), repeat_images_per_s=rates,
+                  epoch_s=[s for r in ours for s in r["epoch_s"]])
+    record["ms_per_step"] = round(float(np.median([r["ms_per_step"] for r in ours])), 1)
+  if theirs:
+    torch_rates = [r["images_per_s"] for r in theirs]
+    record.update(torch=theirs[0]["framework"],
+                  torch_images_per_s=round(float(np.median(torch_rates)), 1),
+                  ratio_vs_torch=round(float(np.median(rates) / np.median(torch_rates)), 3))
+    if len(theirs) > 1:
+      record.update(repeat_torch_images_per_s=torch_rates,
+                    repeat_ratios=[round(a / b, 3) for a, b in zip(rates, torch_rates)])
+  return record
+
+
 def device_info() -> dict:
   """Backend, devices and versions of this run."""
   return {
@@ -107,7 +139,12 @@ def main() -> None:
                       help="jax-seqgcn's compute dtype (PyTorch always runs float32)")
   parser.add_argument("--torch", action="store_true",
                       help="also train each case in PyTorch (if installed) and print the ratio")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="measure each case this many times (alternating with PyTorch) and "
+                           "report medians")
   args = parser.parse_args()
+  if args.repeats < 1 or args.epochs < 1:
+    parser.error("--repeats and --epochs must be at least 1")
   host_memory.reexec_with_hugepages()
   with_torch = args.torch and bench_torch.available()
   if args.torch and not with_torch:
@@ -119,14 +156,15 @@ def main() -> None:
     if name not in CASES:
       raise SystemExit(f"unknown learner {name!r}; choose from {sorted(CASES)}")
     examples = args.resnet_examples if name == "resnet18" else args.small_examples
-    record = bench(name, int(batch), num_examples=examples, epochs=args.epochs,
-                   compute_dtype=args.compute_dtype)
-    if with_torch:
-      theirs = bench_torch.bench_in_subprocess(
-          name, int(batch), num_examples=examples, epochs=args.epochs,
-          augment=CASES[name]["preprocessing"] == "cifar10")
-      record.update(torch=theirs["framework"], torch_images_per_s=theirs["images_per_s"],
-                    ratio_vs_torch=round(record["images_per_s"] / theirs["images_per_s"], 3))
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+      ours.append(bench(name, int(batch), num_examples=examples, epochs=args.epochs,
+                        compute_dtype=args.compute_dtype))
+      if with_torch:
+        theirs.append(bench_torch.bench_in_subprocess(
+            name, int(batch), num_examples=examples, epochs=args.epochs,
+            augment=CASES[name]["preprocessing"] == "cifar10"))
+    record = summarise(ours, theirs)
     print(f"{name} batch {batch}: {record['images_per_s']} images/s"
           + (f", PyTorch {record['torch_images_per_s']} (ratio {record['ratio_vs_torch']})"
              if with_torch else ""), file=sys.stderr, flush=True)

