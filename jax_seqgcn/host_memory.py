@@ -21,7 +21,7 @@ themselves before starting Python.
 import os
 import platform
 import sys
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Tuple
 
 TUNABLE = "glibc.malloc.hugetlb"
 ENV_VAR = "GLIBC_TUNABLES"
@@ -86,23 +86,19 @@ def should_reexec(environ: Mapping[str, str], *, mode: Optional[str],
   return TUNABLE not in names  # set already (by us before the exec, or by the user)
 
 
-def reexec_with_hugepages(argv: Optional[Sequence[str]] = None) -> None:
+def reexec_with_hugepages() -> None:
   """Restarts this process with `GLIBC_TUNABLES` asking for huge pages, if it gains from it.
 
   Returns without doing anything when `should_reexec` says no; otherwise does not return.
-  Call it in a program before its work starts, never from library code. The restart is
-  silent (the second process prints what the first would have), so output and exit codes
-  do not change.
-
-  Args:
-    argv: the command line to run again; default: the interpreter and `sys.orig_argv[1:]`
-      (which keeps `-m module` and interpreter options).
+  Call it in a program before its work starts, never from library code. The restart runs the
+  same command line (the interpreter and `sys.orig_argv[1:]`, which keeps `-m module` and
+  interpreter options) and is silent (the second process prints what the first would have),
+  so output and exit codes do not change.
   """
   if not should_reexec(os.environ, mode=thp_mode(), glibc=glibc_version(),
                        system=platform.system()):
     return
-  if argv is None:
-    argv = [sys.executable] + list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)[1:])
+  argv = [sys.executable] + list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)[1:])
   environ = dict(os.environ)
   environ[ENV_VAR] = with_hugetlb(environ.get(ENV_VAR))
   sys.stdout.flush()
