@@ -45,8 +45,9 @@ from jax_seqgcn import models
 from jax_seqgcn import train
 
 CASES = {
-    "resnet18": dict(shape=(32, 32, 3), preprocessing="cifar10"),
-    "small_cnn": dict(shape=(28, 28, 1), preprocessing="fashion_mnist"),
+    "resnet18": dict(shape=bench_torch.IMAGE_SHAPES["resnet18"], preprocessing="cifar10"),
+    "small_cnn": dict(shape=bench_torch.IMAGE_SHAPES["small_cnn"],
+                      preprocessing="fashion_mnist"),
 }
 
 

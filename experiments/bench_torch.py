@@ -22,6 +22,9 @@ import time
 
 import numpy as np
 
+# Image shape [H, W, C] of each learner's benchmark case (bench_learner.py's CASES use these).
+IMAGE_SHAPES = {"small_cnn": (28, 28, 1), "resnet18": (32, 32, 3)}
+
 
 def available() -> bool:
   """True if PyTorch can be imported."""
@@ -173,16 +176,16 @@ def bench_in_subprocess(name: str, batch_size: int, *, num_examples: int, epochs
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--learner", choices=("small_cnn", "resnet18"), default="small_cnn")
+  parser.add_argument("--learner", choices=sorted(IMAGE_SHAPES), default="small_cnn")
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--examples", type=int, default=4096)
   parser.add_argument("--epochs", type=int, default=2)
   parser.add_argument("--augment", action="store_true",
                       help="CIFAR-style crop + flip + normalisation (bench_learner's resnet18)")
   args = parser.parse_args()
-  shape = (32, 32, 3) if args.learner == "resnet18" else (28, 28, 1)
   print(json.dumps(bench(args.learner, args.batch_size, num_examples=args.examples,
-                         epochs=args.epochs, shape=shape, augment=args.augment), indent=2))
+                         epochs=args.epochs, shape=IMAGE_SHAPES[args.learner],
+                         augment=args.augment), indent=2))
 
 
 if __name__ == "__main__":
