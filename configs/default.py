@@ -15,7 +15,7 @@ def get_config():
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "cifar10"  # cifar10 | cifar100 | svhn_cropped | fashion_mnist | npz
-  config.data.source = "auto"  # auto | tfds | idx | npz (see jax_seqgcn.data.load_dataset)
+  config.data.source = "auto"  # auto | tfds | idx | npz (see jax_seqgcn.data.datasets.load_dataset)
   config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir
   config.data.path = ml_collections.config_dict.placeholder(str)  # npz file / IDX directory
   config.data.max_test = 0  # evaluate on the first max_test test examples (0 = all)
@@ -47,9 +47,10 @@ def get_config():
   config.al.upper_bound = False  # train once on the whole training split
   # Save, per trial and selection cycle, what the sampler saw: learner embeddings (float16) of the
   # subset and labelled set, the labelled mask and the picks, in
-  # embeddings/trial{t}_cycle{c}.npz (c as in results.jsonl; see jax_seqgcn/embeddings.py). For
-  # `jax-seqgcn tsne` / experiments/tsne.py. Costs disk (~1 MB per selection at 5,500 x 128) and,
-  # for samplers that need no embedding (Random, VAAL, ...), one extra eval pass.
+  # embeddings/trial{t}_cycle{c}.npz (c as in results.jsonl; see jax_seqgcn/experiment/
+  # embeddings.py). For `jax-seqgcn tsne` / experiments/tsne.py. Costs disk (docs/own_data.md
+  # gives the measured file sizes) and, for samplers that need no embedding (Random, VAAL, ...),
+  # one extra eval pass.
   config.al.save_embeddings = False
 
   # The sampler and the options of every registered sampler, defaults from the registry

@@ -5,7 +5,7 @@
 
 The npz holds `images` [N, 128, 128, 1] (normalised depth crops; uint8 or float) and `targets`
 [N, J*3] joint coordinates (ICVL: J = 16, in mm), with optional `test_images` / `test_targets`
-(see jax_seqgcn.data.load_npz). Training follows the paper's regressor: Adam, learning rate 1e-3,
+(see jax_seqgcn.data.datasets.load_npz). Training follows the paper's regressor: Adam, learning rate 1e-3,
 no weight decay, batch 128, loss = mean over joints of the squared Euclidean error. The test metric
 is the mean joint error (Euclidean, in the targets' units), lower is better. Samplers that need
 class probabilities (Entropy, Margin, LeastConfidence, BADGE) are refused for regression.

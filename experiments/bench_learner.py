@@ -1,7 +1,6 @@
-"""Learner training throughput (images/s) with `jax_seqgcn.train.fit`; prints JSON.
+"""Learner training throughput (images/s) with `jax_seqgcn.fit`; prints JSON.
 
-Cases (protocol §8 gives the scale: on our 2-core CPU, ResNet-18 trains at ~25 images/s in
-Flax and ~40 in PyTorch):
+Cases (docs/performance.md gives the current numbers against PyTorch):
   * resnet18, batch 128, 32x32x3 (CIFAR preprocessing, augmentation on);
   * small_cnn, batch 64 and 128, 28x28x1 (Fashion-MNIST preprocessing).
 
@@ -13,7 +12,7 @@ epoch is one XLA run that faults in 2.9 GB of fresh buffers; without huge pages 
 epoch (the earlier default of 256 examples) charged that to 2 steps instead of 8 and read 8%
 slower (28.7 against 31.1 images/s).
 Like experiments/main.py, the script first restarts itself with huge pages where that helps
-(jax_seqgcn/host_memory.py; the PyTorch process inherits them). Default runtime on
+(jax_seqgcn/runtime/host_memory.py; the PyTorch process inherits them). Default runtime on
 2 CPU cores: ~4 min, ~7 min with --torch.
 
 With --torch (needs PyTorch, which is not a dependency; skipped with a note when missing), each
@@ -40,9 +39,9 @@ import jax
 import numpy as np
 
 import bench_torch
-from jax_seqgcn import host_memory
+from jax_seqgcn.runtime import host_memory
 from jax_seqgcn import models
-from jax_seqgcn import train
+from jax_seqgcn import training
 
 CASES = {
     "resnet18": dict(shape=bench_torch.IMAGE_SHAPES["resnet18"], preprocessing="cifar10"),
@@ -61,7 +60,7 @@ def bench(name: str, batch_size: int, *, num_examples: int, epochs: int, seed: i
   model = models.get_learner(name, num_classes=10, channels=shape[-1])
   stamps = []
   start = time.perf_counter()
-  train.fit(jax.random.key(seed), model, images, labels, epochs=1 + epochs,
+  training.fit(jax.random.key(seed), model, images, labels, epochs=1 + epochs,
             batch_size=batch_size, preprocessing=CASES[name]["preprocessing"], milestones=(),
             compute_dtype=compute_dtype,
             progress=lambda epoch, total, metrics: stamps.append(time.perf_counter()))

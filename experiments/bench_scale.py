@@ -40,7 +40,7 @@ def _rss_mb():
 def _run_one(n, mode, args):
   """Child process: one (N, mode) configuration; returns a dict of seconds and megabytes."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jax_seqgcn import graph  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.selection import graph  # pylint: disable=g-import-not-at-top
   from jax_seqgcn import samplers  # pylint: disable=g-import-not-at-top
 
   jax.devices()  # initialise the backend before the baseline

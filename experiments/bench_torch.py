@@ -3,7 +3,7 @@
 PyTorch is not a dependency of jax-seqgcn: `available()` says whether it is importable, and
 bench_learner.py skips this part when it is not. The models are the reference implementation's
 (small CNN of the CPU-scale protocol; CIFAR ResNet-18 with BasicBlocks, no max-pool, 4x4 average
-pool), trained like `jax_seqgcn.train.fit`: SGD lr 0.1, momentum 0.9, coupled weight decay 5e-4,
+pool), trained like `jax_seqgcn.training.fit.fit`: SGD lr 0.1, momentum 0.9, coupled weight decay 5e-4,
 softmax cross-entropy, a reshuffle per epoch, `drop_last=False`. Inputs are the same random uint8
 images, turned into float tensors once (a DataLoader's per-image Python work would only slow
 PyTorch down); CIFAR-style augmentation (random crop from a 4-pixel zero padding + horizontal

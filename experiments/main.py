@@ -7,7 +7,7 @@ Multi-host: start one process per host with --coordinator=HOST:PORT --num_proces
 --process_id=I (CPU hosts use gloo collectives); exactly one process writes results.
 
 On Linux the process first restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-(jax_seqgcn/host_memory.py: huge pages for XLA:CPU's per-epoch buffers);
+(jax_seqgcn/runtime/host_memory.py: huge pages for XLA:CPU's per-epoch buffers);
 JAX_SEQGCN_HUGEPAGES=0 turns that off.
 """
 
@@ -36,11 +36,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from jax_seqgcn import host_memory  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.runtime import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_hugepages()  # once, before any work: see its docstring
-  # tfds must not grab accelerator memory (STYLE.md); TF is only imported if tfds is used.
+  # TensorFlow is only imported if tfds is used; keep its start-up logs quiet.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  from jax_seqgcn import compilation_cache, data, loop, parallel, workdir  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn import data
+  from jax_seqgcn.experiment import loop
+  from jax_seqgcn.experiment import workdir
+  from jax_seqgcn.runtime import compilation_cache
+  from jax_seqgcn.training import parallel
+  # pylint: enable=g-import-not-at-top
   if FLAGS.coordinator:
     parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from jax_seqgcn import results  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax_seqgcn.experiment import results  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main():

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the package
 
-from jax_seqgcn import tsne  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax_seqgcn.apps import tsne  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main() -> int:

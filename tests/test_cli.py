@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jax_seqgcn import cli
-from jax_seqgcn import data
-from jax_seqgcn import graph
-from jax_seqgcn import loop
-from jax_seqgcn import own_data
+from jax_seqgcn.apps import cli
+from jax_seqgcn.data import datasets as data
+from jax_seqgcn.selection import graph
+from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.apps import own_data
 from jax_seqgcn import samplers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -171,8 +172,7 @@ def test_features_round_trip_equals_the_sampler(tmp_path, fmnist):
 @pytest.fixture
 def small(tmp_path, fmnist, monkeypatch):
   """A 30-image folder and a labels CSV of 10 of them; training is forbidden."""
-  monkeypatch.setattr(loop._Run, "train",  # pylint: disable=protected-access
-                      lambda *a, **k: pytest.fail("training started"))
+  monkeypatch.setattr(cycle, "train_learner", lambda *a, **k: pytest.fail("training started"))
   images, targets = fmnist
   directory = tmp_path / "images"
   ids = write_folder(directory, images, 30)

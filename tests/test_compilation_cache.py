@@ -9,7 +9,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PROGRAM = """
 import sys, jax, jax.numpy as jnp
-from jax_seqgcn import compilation_cache
+from jax_seqgcn.runtime import compilation_cache
 print(compilation_cache.enable(sys.argv[1], min_compile_seconds=0.0))
 f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)
 f(jnp.ones((64, 64))).block_until_ready()

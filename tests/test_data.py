@@ -1,4 +1,4 @@
-"""Tests for jax_seqgcn.data: tfds (mocked, offline), Fashion-MNIST IDX files, npz."""
+"""Tests for jax_seqgcn.data.datasets: tfds (mocked, offline), Fashion-MNIST IDX files, npz."""
 
 import gzip
 import io
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from jax_seqgcn import data
+from jax_seqgcn.data import datasets as data
 
 IDX_DIR = data.FASHION_MNIST_IDX_DIR
 HAVE_IDX = os.path.isfile(os.path.join(IDX_DIR, "train-labels-idx1-ubyte.gz"))
@@ -102,7 +102,7 @@ def test_load_tfds_unknown_name():
 
 
 def test_import_does_not_import_tensorflow():
-  code = "import sys, jax_seqgcn.data; assert 'tensorflow' not in sys.modules"
+  code = "import sys, jax_seqgcn.data.datasets; assert 'tensorflow' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -1,11 +1,11 @@
-"""Tests of jax_seqgcn.kmedoids and the FeatProp sampler against plain NumPy."""
+"""Tests of jax_seqgcn.selection.kmedoids and the FeatProp sampler against plain NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn import kmedoids
+from jax_seqgcn.selection import kmedoids
 from jax_seqgcn import samplers
 from jax_seqgcn.samplers import featprop
 from tests.conftest import has_square_array

@@ -1,4 +1,4 @@
-"""Tests of jax_seqgcn.graph against the reference outputs (tests/data), NumPy and hand math."""
+"""Tests of jax_seqgcn.selection.graph against the reference outputs (tests/data), NumPy and hand math."""
 
 import functools
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn import graph
+from jax_seqgcn.selection import graph
 from tests.conftest import has_square_array
 
 
@@ -180,7 +180,7 @@ def test_choose_adjacency(caplog):
   assert graph.choose_adjacency(1000, 512, memory_bytes=10 ** 9) == "dense"
   assert graph.choose_adjacency(1000, 128, memory_bytes=10 ** 9) == "factored"
   assert not caplog.records
-  with caplog.at_level("WARNING", logger="jax_seqgcn.graph"):
+  with caplog.at_level("WARNING", logger="jax_seqgcn.selection.graph"):
     assert graph.choose_adjacency(40_000, 30_000, memory_bytes=24 * 2 ** 30) == "factored"
   assert "dense N=40000 needs" in caplog.text
 

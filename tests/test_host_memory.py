@@ -1,4 +1,4 @@
-"""Tests of jax_seqgcn.host_memory: when to restart with huge pages, the restart, the gain."""
+"""Tests of jax_seqgcn.runtime.host_memory: when to restart with huge pages, the restart, the gain."""
 
 import os
 import platform
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from jax_seqgcn import host_memory
+from jax_seqgcn.runtime import host_memory
 
 QUALIFIES = host_memory.should_reexec({}, mode=host_memory.thp_mode(),
                                       glibc=host_memory.glibc_version(),
@@ -76,7 +76,7 @@ def test_should_reexec(environ, mode, glibc, system, expected):
 _SCRIPT = textwrap.dedent("""
     import os, sys
     print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True)
-    from jax_seqgcn import host_memory
+    from jax_seqgcn.runtime import host_memory
     host_memory.reexec_with_hugepages()
     print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
 """)

@@ -1,11 +1,11 @@
-"""Tests of jax_seqgcn.kcenter against the reference indices and a plain NumPy version."""
+"""Tests of jax_seqgcn.selection.kcenter against the reference indices and a plain NumPy version."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn import kcenter
+from jax_seqgcn.selection import kcenter
 from tests.conftest import has_square_array
 
 

@@ -1,4 +1,4 @@
-"""Tests of jax_seqgcn.kcenter_sharded: the same picks as `kcenter.k_center_greedy`.
+"""Tests of jax_seqgcn.selection.kcenter_sharded: the same picks as `kcenter.k_center_greedy`.
 
 The multi-device cases run once in a subprocess with 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8` must be set before JAX is imported), which
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn import kcenter
-from jax_seqgcn import kcenter_sharded
+from jax_seqgcn.selection import kcenter
+from jax_seqgcn.selection import kcenter_sharded
 from tests.conftest import has_square_array
 
 TIMEOUT = 240  # seconds; a hang fails the test instead of blocking CI
@@ -27,7 +27,8 @@ _SCRIPT = r'''
 import sys
 import jax
 import numpy as np
-from jax_seqgcn import kcenter, kcenter_sharded
+from jax_seqgcn.selection import kcenter
+from jax_seqgcn.selection import kcenter_sharded
 from tests.conftest import Reference
 
 assert jax.device_count() == 8, jax.devices()

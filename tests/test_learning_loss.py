@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_seqgcn import data
-from jax_seqgcn import loss_prediction
+from jax_seqgcn.data import datasets as data
+from jax_seqgcn.training import loss_prediction
 from jax_seqgcn import models
 from jax_seqgcn import samplers
-from jax_seqgcn import train
+from jax_seqgcn import training as train
 from jax_seqgcn.models.lossnet import LossNet
 from jax_seqgcn.samplers import learning_loss
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from jax_seqgcn import loop
-from jax_seqgcn import results
+from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.experiment import results
 from jax_seqgcn import samplers
-from jax_seqgcn import workdir as workdir_lib
+from jax_seqgcn.experiment import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,8 +93,7 @@ def test_same_config_twice_gives_identical_results(tmp_path, npz_path):
 def test_rerun_of_a_finished_workdir_trains_nothing(tmp_path, npz_path, monkeypatch):
   config = tiny_config(npz_path, sampler__name="Random", al__cycles=2)
   first = loop.run(config, tmp_path)
-  monkeypatch.setattr(loop._Run, "train_and_test",  # pylint: disable=protected-access
-                      lambda *a: pytest.fail("trained again"))
+  monkeypatch.setattr(cycle, "train_learner", lambda *a, **k: pytest.fail("trained again"))
   assert loop.run(config, tmp_path) == first
 
 
@@ -157,8 +157,7 @@ def test_different_config_on_existing_workdir_is_refused(tmp_path, npz_path):
     (dict(train__compute_dtype="float16"), "train.compute_dtype must be one of"),
 ])
 def test_bad_config_fails_before_training(tmp_path, npz_path, overrides, message, monkeypatch):
-  monkeypatch.setattr(loop._Run, "train_and_test",  # pylint: disable=protected-access
-                      lambda *a: pytest.fail("training started"))
+  monkeypatch.setattr(cycle, "train_learner", lambda *a, **k: pytest.fail("training started"))
   with pytest.raises(loop.ConfigError, match=message):
     loop.run(tiny_config(npz_path, **overrides), tmp_path)
 
@@ -206,7 +205,7 @@ def test_summary_statistics_by_hand():
 
 def test_import_and_plot_leave_the_matplotlib_backend_alone(tmp_path):
   code = ("import matplotlib; matplotlib.use('svg'); import jax_seqgcn; "
-          "from jax_seqgcn import results; "
+          "from jax_seqgcn.experiment import results; "
           "r = [results.Record(0, 0, 10, 0.5, 1, 1, 1), results.Record(1, 0, 10, 0.6, 1, 1, 1)]; "
           f"results.plot_curves({{'X': r}}, {str(tmp_path / 'c.png')!r}); "
           "print(matplotlib.get_backend())")

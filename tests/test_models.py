@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from jax_seqgcn import models
-from jax_seqgcn.models import resnet
-from jax_seqgcn.models import small_cnn
+from jax_seqgcn.models import layers
 
 
 def _count(tree) -> int:
@@ -182,13 +181,13 @@ def test_torch_default_init_bounds():
     kernel = np.asarray(variables[layer]["kernel"])
     if kernel.size > 10_000:  # U(-b, b) has std b / sqrt(3)
       assert abs(kernel.std() - bound / math.sqrt(3)) < 0.02 * bound
-  init = small_cnn.torch_bias_init(4)
+  init = layers.torch_bias_init(4)
   values = np.asarray(init(jax.random.key(5), (10_000,)))
   assert values.min() >= -0.5 and values.max() <= 0.5 and values.max() > 0.49
 
 
 def test_bn_init_is_identity_affine():
-  variables = resnet.batch_norm(train=False).init(jax.random.key(0), jnp.zeros((2, 5)))
+  variables = layers.batch_norm(train=False).init(jax.random.key(0), jnp.zeros((2, 5)))
   np.testing.assert_array_equal(variables["params"]["scale"], 1.0)
   np.testing.assert_array_equal(variables["params"]["bias"], 0.0)
   abstract = _abstract_variables(models.ResNet18(), (1, 32, 32, 3))

@@ -17,8 +17,9 @@ import sys
 import numpy as np
 import pytest
 
-from jax_seqgcn import loop
-from jax_seqgcn import results
+from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.experiment import results
 from tests.test_loop import labelled_sets, npz_path, tiny_config  # pylint: disable=unused-import
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -163,15 +164,15 @@ def test_two_processes_resume_a_one_process_checkpoint(runs):  # pylint: disable
 def test_whole_pool_offers_every_unlabelled_index(tmp_path, npz_path, monkeypatch,  # pylint: disable=redefined-outer-name
                                                   sampler, whole_pool):
   embedded, sampled = [], []
-  real_pool = loop._Run.pool  # pylint: disable=protected-access
+  real_pool = cycle.embed_pool
 
-  def pool_of(self, state, nodes, labelled_mask):
+  def pool_of(setup, state, images, nodes, labelled_mask):
     embedded.append(np.asarray(nodes))
-    result = real_pool(self, state, nodes, labelled_mask)
+    result = real_pool(setup, state, images, nodes, labelled_mask)
     sampled.append((np.shape(result.labelled_mask), np.asarray(result.labelled_mask)))
     return result
 
-  monkeypatch.setattr(loop._Run, "pool", pool_of)  # pylint: disable=protected-access
+  monkeypatch.setattr(cycle, "embed_pool", pool_of)
   config = tiny_config(npz_path, sampler__name=sampler, al__cycles=2, al__whole_pool=whole_pool)
   loop.run(config, tmp_path)
   pool, (labelled, _) = 300, labelled_sets(tmp_path)

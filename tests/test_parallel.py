@@ -1,4 +1,4 @@
-"""Tests for jax_seqgcn.parallel: meshes, shardings, and data-parallel training.
+"""Tests for jax_seqgcn.training.parallel: meshes, shardings, and data-parallel training.
 
 The equivalence tests run training in subprocesses: 1 CPU device, 8 fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, which must be set before JAX is
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_seqgcn import parallel
+from jax_seqgcn.training import parallel
 
 TIMEOUT = 240  # seconds per subprocess; a hang fails the test instead of blocking CI
 
@@ -26,14 +26,16 @@ WORKER = textwrap.dedent('''
 
     mode, out_path = sys.argv[1], sys.argv[2]
     if mode == "multihost":
-      from jax_seqgcn import parallel
+      from jax_seqgcn.training import parallel
       parallel.initialize_distributed(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import linen as nn
-    from jax_seqgcn import augment, parallel, train
+    from jax_seqgcn.training import augment
+    from jax_seqgcn.training import parallel
+    from jax_seqgcn import training as train
 
 
     class TinyBN(nn.Module):

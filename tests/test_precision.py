@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn import loop
-from jax_seqgcn import precision
-from jax_seqgcn import train
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.training import precision
+from jax_seqgcn import training as train
 from jax_seqgcn.models import resnet
 from jax_seqgcn.models import small_cnn
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import hand_pose
-from jax_seqgcn import loop
+from jax_seqgcn.experiment import loop
 
 
 def landmark_images(n, size=32, joints=2, seed=0):
@@ -70,6 +70,6 @@ def test_regression_refuses_probability_samplers_and_uses_its_own_optimiser(tmp_
     config.sampler.name = name
     with pytest.raises(loop.ConfigError, match="needs class probabilities"):
       loop.run(config, tmp_path / name)
-  fit = loop._fit_kwargs(hand_pose.get_config())  # pylint: disable=protected-access
-  assert fit["task"] == "regression" and fit["learning_rate"] == 1e-3
+  fit = loop.fit_kwargs(hand_pose.get_config())
+  assert hand_pose.get_config().learner.task == "regression" and fit["learning_rate"] == 1e-3
   assert fit["weight_decay"] == 0.0 and fit["milestones"] == ()

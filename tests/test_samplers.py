@@ -94,7 +94,8 @@ def test_uncertain_gcn_picks_closest_to_margin():
 
 
 def test_core_gcn_equals_k_center_on_trained_embedding():
-  from jax_seqgcn import graph, kcenter  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.selection import graph
+  from jax_seqgcn.selection import kcenter  # pylint: disable=g-import-not-at-top
   x, mask = _problem()
   result = graph.train_gcn(jax.random.key(0), x, mask, **FAST_GCN)
   np.testing.assert_array_equal(
@@ -174,7 +175,7 @@ def test_uncertain_gcn_select_rejects_what_would_return_labelled_nodes(case):
 
 
 def test_diverged_gcn_is_named(monkeypatch):
-  from jax_seqgcn import graph  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.selection import graph  # pylint: disable=g-import-not-at-top
   x, mask = _problem(n=20, n_labelled=5)
   real = graph._train_jit  # pylint: disable=protected-access
 

@@ -1,4 +1,4 @@
-"""Tests for jax_seqgcn.train and jax_seqgcn.augment against NumPy / hand-made cases."""
+"""Tests for jax_seqgcn.training.fit and jax_seqgcn.training.augment against NumPy / hand-made cases."""
 
 import io
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jax_seqgcn import augment
-from jax_seqgcn import train
+from jax_seqgcn.training import augment
+from jax_seqgcn import models
+from jax_seqgcn import training as train
 
 
 class TinyBN(nn.Module):
@@ -325,7 +326,6 @@ def test_input_validation():
 
 
 def test_small_cnn_learns():
-  models = pytest.importorskip("jax_seqgcn.models")
   model = models.get_learner("small_cnn", num_classes=2, channels=1)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 64).astype(np.int32)
@@ -338,7 +338,6 @@ def test_small_cnn_learns():
 
 
 def test_resnet18_embeddings_match_apply():
-  models = pytest.importorskip("jax_seqgcn.models")
   model = models.get_learner("resnet18", num_classes=10, channels=3)
   images, labels = _data(16)
   spec = augment.preprocessing_for("cifar10")

@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from jax_seqgcn import embeddings
-from jax_seqgcn import loop
-from jax_seqgcn import tsne
-from jax_seqgcn import workdir as workdir_lib
+from jax_seqgcn.experiment import cycle as cycle_lib
+from jax_seqgcn.experiment import embeddings
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.apps import tsne
+from jax_seqgcn.experiment import workdir as workdir_lib
 from tests.test_loop import ROOT
 from tests.test_loop import npz_path  # pylint: disable=unused-import  (fixture)
 from tests.test_loop import tiny_config
@@ -66,21 +67,22 @@ def test_every_selection_is_saved_and_matches_the_next_labelled_set(runs, sample
 @pytest.mark.parametrize("sampler", ["CoreSet", "Random"])  # the sampler's pass / an extra one
 def test_saved_embeddings_are_the_learners_to_float16_rounding(tmp_path, npz_path, sampler,
                                                                 monkeypatch):
-  real_select = loop._Run.select  # pylint: disable=protected-access
-  checked = []
+  real_run_cycle = cycle_lib.run_cycle
+  learners = []
 
-  def select_and_check(self, key, state, labelled, save_to=None):
-    out = real_select(self, key, state, labelled, save_to)
-    saved = embeddings.load(save_to)
-    expected = self.forward(state, saved.ids)["embedding"]
-    np.testing.assert_allclose(saved.embeddings.astype(np.float32), expected, rtol=1e-3,
-                               atol=1e-3 * np.abs(expected).max())
-    checked.append(save_to.name)
-    return out
+  def run_and_keep(setup, key, dataset, labelled, **kwargs):
+    result = real_run_cycle(setup, key, dataset, labelled, **kwargs)
+    learners.append((setup, result.state, dataset.train_images))
+    return result
 
-  monkeypatch.setattr(loop._Run, "select", select_and_check)  # pylint: disable=protected-access
+  monkeypatch.setattr(cycle_lib, "run_cycle", run_and_keep)
   loop.run(_config(npz_path, sampler, al__cycles=2, al__save_embeddings=True), tmp_path)
-  assert checked == ["trial0_cycle0.npz"]
+  assert embeddings.saved(tmp_path) == {0: [0]}
+  setup, state, images = learners[0]
+  saved = embeddings.load(embeddings.path(tmp_path, 0, 0))
+  expected = cycle_lib.forward(setup, state, images, saved.ids)["embedding"]
+  np.testing.assert_allclose(saved.embeddings.astype(np.float32), expected, rtol=1e-3,
+                             atol=1e-3 * np.abs(expected).max())
 
 
 def test_without_the_option_nothing_is_saved(tmp_path, npz_path):
@@ -107,15 +109,15 @@ def test_workdirs_written_before_the_option_still_resume(npz_path):
 
 def test_interrupted_and_resumed_run_saves_identical_files(runs, tmp_path, npz_path, monkeypatch):
   # Dies after cycle 0's checkpoint (its selection file written), resumes, selects in cycle 1.
-  real_save = loop._Run.save  # pylint: disable=protected-access
+  real_save = workdir_lib.CheckpointStore.save
 
-  def save_then_die(self, step, next_labelled):
-    real_save(self, step, next_labelled)
+  def save_then_die(self, step, tree):
+    real_save(self, step, tree)
     if step == 0:
       raise KeyboardInterrupt("killed after cycle 0")
 
   config = _config(npz_path, "CoreSet", al__save_embeddings=True)
-  monkeypatch.setattr(loop._Run, "save", save_then_die)  # pylint: disable=protected-access
+  monkeypatch.setattr(workdir_lib.CheckpointStore, "save", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     loop.run(config, tmp_path)
   assert embeddings.saved(tmp_path) == {0: [0]}

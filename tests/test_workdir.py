@@ -11,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from jax_seqgcn import data as data_lib
-from jax_seqgcn import loop
-from jax_seqgcn import results
+from jax_seqgcn.data import datasets as data_lib
+from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.experiment import results
 from jax_seqgcn import samplers
-from jax_seqgcn import train
-from jax_seqgcn import workdir as workdir_lib
+from jax_seqgcn import training as train
+from jax_seqgcn.experiment import workdir as workdir_lib
 from tests.test_loop import FAST_SAMPLER_OPTIONS
 from tests.test_loop import ROOT
 from tests.test_loop import labelled_sets
@@ -25,8 +26,7 @@ from tests.test_loop import tiny_config
 
 
 def _no_training(monkeypatch):
-  monkeypatch.setattr(loop._Run, "train_and_test",  # pylint: disable=protected-access
-                      lambda *a: pytest.fail("training started"))
+  monkeypatch.setattr(cycle, "train_learner", lambda *a, **k: pytest.fail("training started"))
 
 
 def _no_data(monkeypatch):
@@ -211,14 +211,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, npz_path
     return c
 
   clean = loop.run(config(), tmp_path / "clean")
-  real_save = loop._Run.save  # pylint: disable=protected-access
+  real_save = workdir_lib.CheckpointStore.save
 
-  def save_then_die(self, step, next_labelled):
-    real_save(self, step, next_labelled)
+  def save_then_die(self, step, tree):
+    real_save(self, step, tree)
     if step == 0:
       raise KeyboardInterrupt("killed after cycle 0")
 
-  monkeypatch.setattr(loop._Run, "save", save_then_die)  # pylint: disable=protected-access
+  monkeypatch.setattr(workdir_lib.CheckpointStore, "save", save_then_die)
   with pytest.raises(KeyboardInterrupt):
     loop.run(config(), tmp_path / "killed")
   monkeypatch.undo()

@@ -19,8 +19,8 @@ from flax import linen as nn
 
 from jax_seqgcn.models.deepprior import DeepPrior
 from jax_seqgcn.models.resnet import BasicBlock, ResNet, ResNet18
-from jax_seqgcn.models.small_cnn import SmallCNN, check_image_size, torch_bias_init
-from jax_seqgcn.models.small_cnn import torch_kernel_init
+from jax_seqgcn.models.layers import check_image_size, torch_bias_init, torch_kernel_init
+from jax_seqgcn.models.small_cnn import SmallCNN
 from jax_seqgcn.models.vgg import VGG, VGG11
 
 LEARNERS: dict[str, type[nn.Module]] = {

@@ -10,7 +10,9 @@ closed form, one pass for the two per-channel sums and one for the input gradien
     dx     = scale * inv_std * (dy - (dbias + xhat * dscale) / n),
 
 with xhat = (x - mean) * inv_std and n the number of reduced elements (measured on our 2-core
-CPU: ResNet-18 trains at the same 29-30 images/s as with Flax's autodiff gradient). Forward
+CPU before `conv.patch_matmul`: ResNet-18 trained at the same 29-30 images/s as with Flax's
+autodiff gradient; at `84964c2` it trains at 37 images/s, batch 128, float32,
+docs/performance.md). Forward
 values are Flax's: mean and E[x^2] in one pass (Flax's `use_fast_variance`), variance
 max(0, E[x^2] - mean^2), biased running variance, running averages
 `momentum * old + (1 - momentum) * batch`. Variable names and shapes are Flax's (`params`:

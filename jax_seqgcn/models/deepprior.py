@@ -30,8 +30,8 @@ import jax
 from flax import linen as nn
 
 from jax_seqgcn.models.conv import max_pool
-from jax_seqgcn.models.resnet import batch_norm
-from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
+from jax_seqgcn.models.layers import batch_norm
+from jax_seqgcn.models.layers import check_image_size, torch_conv, torch_dense
 
 # (kernel size, output channels, max-pool window) per conv stage.
 DEEPPRIOR_STAGES: tuple[tuple[int, int, int], ...] = ((5, 8, 4), (5, 16, 2), (3, 32, 2), (3, 64, 2))

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.small_cnn import torch_dense
+from jax_seqgcn.models.layers import torch_dense
 
 
 class LossNet(nn.Module):

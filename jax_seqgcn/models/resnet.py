@@ -31,24 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.batchnorm import BatchNorm
-from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
-
-
-def batch_norm(train: bool, name: str | None = None) -> BatchNorm:
-  """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5), scale 1, bias 0.
-
-  `jax_seqgcn.models.batchnorm.BatchNorm`: Flax's layer (same variables and values) that keeps
-  a bfloat16 input's dtype (mixed precision) and has a closed-form gradient.
-
-  Args:
-    train: if True normalise with batch statistics and update 'batch_stats'; else use the running
-      averages.
-    name: optional submodule name.
-  Returns:
-    A `BatchNorm` over the last axis ([..., C] -> [..., C]).
-  """
-  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+from jax_seqgcn.models.layers import batch_norm, check_image_size, torch_conv, torch_dense
 
 
 class BasicBlock(nn.Module):

@@ -1,4 +1,4 @@
-"""The small CNN learner of the CPU-scale Fashion-MNIST protocol (protocol §9), and torch-style inits.
+"""The small CNN learner of the CPU-scale Fashion-MNIST protocol (protocol §9).
 
 Architecture (defaults, 28x28x1 input):
 
@@ -19,102 +19,20 @@ fc1 401,408; fc2 1,280), i.e. ~8.5 MFLOPs counting a multiply-add as 2 FLOPs (bi
 pooling add ~0.1 MFLOP). XLA's cost analysis of the jitted forward pass reports 7.89 MFLOPs because
 it does not count the taps that fall on the zero padding (3,894,656 multiply-adds on real pixels).
 
-This module also holds the PyTorch-default initialisers shared by all learners so that CPU-scale
-results are comparable with the reference PyTorch runs:
-  * kernels: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) = `torch_kernel_init`;
-  * biases: U(+-1/sqrt(fan_in)) = `torch_bias_init(fan_in)`.
+Initialisation as PyTorch's defaults (`layers`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import chex
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.conv import Conv2D
 from jax_seqgcn.models.conv_pool import ConvReLUPool
-
-# torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = sqrt(1/fan_in),
-# which is variance_scaling's uniform limit sqrt(3 * scale / fan_in) with scale = 1/3.
-torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
-  """PyTorch's default bias initialiser for Conv/Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-  Args:
-    fan_in: number of inputs of one output unit (in_features, or in_channels * kh * kw).
-  Returns:
-    An initializer `(key, shape, dtype) -> array` (shape is the bias shape, e.g. [features]).
-  """
-  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-
-  return init
-
-
-def torch_conv(features: int, in_channels: int, kernel_size: int = 3, *, stride: int = 1,
-               padding: int = 1, use_bias: bool = True, name: str | None = None,
-               impl: str = "auto") -> Conv2D:
-  """An `nn.Conv` with PyTorch's Conv2d default initialisation (call inside a compact method).
-
-  Args:
-    features: output channels.
-    in_channels: input channels (needed for the bias bound, fan_in = in_channels * k * k).
-    kernel_size: square kernel size k.
-    stride: spatial stride.
-    padding: symmetric zero padding in pixels (torch semantics).
-    use_bias: whether the convolution has a bias.
-    name: optional submodule name.
-    impl: convolution implementation, see `jax_seqgcn.models.conv` ("auto": im2col on CPU,
-      where XLA's convolution is slow inside `lax.scan`; XLA's own elsewhere).
-  Returns:
-    A `Conv2D` (parameters `kernel`, `bias` as `nn.Conv`); applied to [B, H, W, in_channels]
-    it gives [B, H', W', features].
-  """
-  return Conv2D(features, kernel_size, stride=stride, padding=padding, use_bias=use_bias,
-                kernel_init=torch_kernel_init,
-                bias_init=torch_bias_init(in_channels * kernel_size * kernel_size), impl=impl,
-                name=name)
-
-
-def torch_dense(features: int, in_features: int, *, name: str | None = None) -> nn.Dense:
-  """An `nn.Dense` with PyTorch's nn.Linear default initialisation (call inside a compact method).
-
-  Args:
-    features: output width.
-    in_features: input width (for the bias bound).
-    name: optional submodule name.
-  Returns:
-    The `nn.Dense` module mapping [B, in_features] -> [B, features].
-  """
-  return nn.Dense(features, kernel_init=torch_kernel_init, bias_init=torch_bias_init(in_features),
-                  name=name)
-
-
-def check_image_size(image_shape: Sequence[int], min_size: int, learner: str) -> None:
-  """Raises a ValueError naming `learner` if images are smaller than min_size x min_size.
-
-  Without this check a too small input reaches a layer with no inputs and Flax fails deep inside
-  the initialiser (ZeroDivisionError).
-
-  Args:
-    image_shape: [..., H, W, C], e.g. a batch shape [B, H, W, C] or one image [H, W, C].
-    min_size: smallest height and width the learner takes.
-    learner: the learner's name, for the message.
-  """
-  height, width = image_shape[-3], image_shape[-2]
-  if min(height, width) < min_size:
-    why = "its pooling would leave no pixel" if min_size > 1 else "images must not be empty"
-    raise ValueError(f"learner {learner!r} needs images of at least {min_size}x{min_size} "
-                     f"pixels ({why}); got {height}x{width}")
-
+from jax_seqgcn.models.layers import check_image_size, torch_bias_init, torch_dense
+from jax_seqgcn.models.layers import torch_kernel_init
 
 def torch_conv_relu_pool(features: int, in_channels: int, kernel_size: int = 3, *,
                          padding: int = 1, window: int = 2, name: str | None = None,

@@ -46,8 +46,8 @@ from flax import linen as nn
 
 from jax_seqgcn.models.conv import Conv2D
 from jax_seqgcn.models.conv import resolve_impl
-from jax_seqgcn.models.small_cnn import torch_bias_init
-from jax_seqgcn.models.small_cnn import torch_dense
+from jax_seqgcn.models.layers import torch_bias_init
+from jax_seqgcn.models.layers import torch_dense
 
 # Image side -> kernel of the last encoder conv and first decoder convT (the reference's f_filt).
 KERNEL_BY_SIZE = {28: 3, 32: 4}

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jax_seqgcn.models.conv import max_pool
-from jax_seqgcn.models.resnet import batch_norm
-from jax_seqgcn.models.small_cnn import check_image_size, torch_conv, torch_dense
+from jax_seqgcn.models.layers import batch_norm
+from jax_seqgcn.models.layers import check_image_size, torch_conv, torch_dense
 
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 

@@ -61,6 +61,9 @@ class Sampler:
     options: option name -> default; `__call__` rejects any other name.
     check: optional `check(options)` raising ValueError for bad option values.
     description: one line for listings (README, `--help`).
+    training: optional `training(options, epochs) -> dict` of extra `training.fit` keyword
+      arguments the sampler needs from the learner's training (Learning Loss: its jointly
+      trained LossNet); see `training_kwargs`.
   """
   name: str
   fn: Callable[..., jax.Array]
@@ -68,6 +71,16 @@ class Sampler:
   options: Mapping[str, Any]
   check: Optional[Callable[[Mapping[str, Any]], None]] = None
   description: str = ""
+  training: Optional[Callable[[Mapping[str, Any], int], Dict[str, Any]]] = None
+
+  def training_kwargs(self, options: Mapping[str, Any], epochs: int) -> Dict[str, Any]:
+    """What the learner's `training.fit` must add for this sampler ({} for most samplers).
+
+    Args:
+      options: the sampler's resolved options.
+      epochs: the learner's number of epochs.
+    """
+    return {} if self.training is None else dict(self.training(options, epochs))
 
   def resolve_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
     """`options` over the defaults, checked; a ValueError names unknown or bad options."""
@@ -105,7 +118,7 @@ SAMPLERS: Dict[str, Sampler] = {}
 
 
 def register(name: str, *, needs=(), options: Optional[Mapping[str, Any]] = None,
-             check=None, description: str = ""):
+             check=None, description: str = "", training=None):
   """Decorator adding `fn(key, pool, budget, **options)` to `SAMPLERS` under `name`."""
   unknown = set(needs) - set(POOL_FIELDS)
   if unknown:
@@ -115,7 +128,7 @@ def register(name: str, *, needs=(), options: Optional[Mapping[str, Any]] = None
     if name in SAMPLERS:
       raise ValueError(f"sampler {name!r} is already registered")
     SAMPLERS[name] = Sampler(name, fn, frozenset(needs), dict(options or {}), check,
-                             description)
+                             description, training)
     return fn
 
   return decorate

@@ -9,7 +9,7 @@
 import jax
 import jax.numpy as jnp
 
-from jax_seqgcn.kcenter import k_center_greedy
+from jax_seqgcn.selection.kcenter import k_center_greedy
 from jax_seqgcn.samplers import base
 
 

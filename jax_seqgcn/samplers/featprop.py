@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_seqgcn import checks
-from jax_seqgcn import graph
-from jax_seqgcn import kmedoids
+from jax_seqgcn.selection import graph
+from jax_seqgcn.selection import kmedoids
 from jax_seqgcn.samplers import base
 
 _LOG = logging.getLogger(__name__)

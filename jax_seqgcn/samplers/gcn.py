@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_seqgcn import graph
-from jax_seqgcn.kcenter import k_center_greedy
+from jax_seqgcn.selection import graph
+from jax_seqgcn.selection.kcenter import k_center_greedy
 from jax_seqgcn.samplers import base
 
 S_MARGIN = 0.1

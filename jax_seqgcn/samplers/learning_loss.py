@@ -1,8 +1,9 @@
 """Learning Loss (Yoo & Kweon 2019): pick the unlabelled nodes with the largest predicted loss.
 
-The predicted losses come from a LossNet trained jointly with the learner: fit the learner
-with `train.fit(..., loss_prediction=loss_prediction_from_options(options, epochs))`, then
-`train.forward_pool(...)["predicted_losses"]` gives `Pool.predicted_losses` from the same
+The predicted losses come from a LossNet trained jointly with the learner: the sampler's
+`training_kwargs(options, epochs)` is `{"loss_prediction": loss_prediction_from_options(options,
+epochs)}`, which `experiment.cycle` passes to `training.fit`; then
+`training.forward_pool(...)["predicted_losses"]` gives `Pool.predicted_losses` from the same
 eval pass as the embeddings. The reference (`selection_methods.py`, branch 'lloss') sorts the
 subset by predicted loss and labels the last `budget` of that order, i.e. the largest.
 
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from jax_seqgcn import loss_prediction
+from jax_seqgcn.training import loss_prediction
 from jax_seqgcn.samplers import base
 
 OPTIONS = {
@@ -51,7 +52,7 @@ def check_options(options: Mapping[str, Any]) -> None:
 
 def loss_prediction_from_options(options: Mapping[str, Any],
                                  epochs: int) -> loss_prediction.LossPrediction:
-  """The `LossPrediction` for `train.fit` from sampler options and the epoch count.
+  """The `LossPrediction` for `training.fit` from sampler options and the epoch count.
 
   Args:
     options: a mapping holding any of the `lossnet_*` options (others are ignored, so the
@@ -79,7 +80,7 @@ def learning_loss(key: jax.Array, predicted_losses: jax.Array, labelled_mask: ja
 
   Args:
     key: PRNG key (unused: the pick is deterministic; ties go to the lowest index).
-    predicted_losses: [N] float, e.g. `train.forward_pool(...)["predicted_losses"]`.
+    predicted_losses: [N] float, e.g. `training.forward_pool(...)["predicted_losses"]`.
     labelled_mask: [N] bool.
     budget: number of picks.
   Returns:
@@ -90,8 +91,12 @@ def learning_loss(key: jax.Array, predicted_losses: jax.Array, labelled_mask: ja
   return _learning_loss(key, pool, budget)
 
 
+def _training(options: Mapping[str, Any], epochs: int) -> dict:
+  return {"loss_prediction": loss_prediction_from_options(options, epochs)}
+
+
 @base.register("LearningLoss", needs=("predicted_losses",), options=OPTIONS,
-               check=check_options,
+               check=check_options, training=_training,
                description="largest loss predicted by a LossNet trained with the learner "
                            "(Yoo & Kweon 2019)")
 def _learning_loss(key, pool: base.Pool, budget: int, **unused_options) -> jax.Array:

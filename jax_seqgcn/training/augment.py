@@ -1,7 +1,7 @@
 """On-device input preprocessing: random crop + flip augmentation, scaling, normalisation.
 
 Everything here is a pure function of a PRNG key and a batch of raw images, meant to run
-inside `jax.jit` (the training epoch in `train.py` calls it once per step), so the
+inside `jax.jit` (the training epoch in `training/fit.py` calls it once per step), so the
 labelled images can stay on device as uint8 and never round-trip through the host.
 
 Per dataset (protocol §2):

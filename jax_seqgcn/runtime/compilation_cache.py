@@ -1,7 +1,7 @@
 """The persistent XLA compilation cache: a repeated or resumed run does not recompile.
 
 A cycle of the active learning loop compiles its training epoch once per bucket of labelled-set
-sizes (`train.padded_capacity`), plus the evaluation and embedding passes and the sampler (on
+sizes (`training.padded_capacity`), plus the evaluation and embedding passes and the sampler (on
 our 2-core CPU a small-CNN training epoch compiles in ~1.5-3 s: with a warm cache the first
 cycle of the Fashion-MNIST CPU-scale trial trains in 3.6-4.5 s instead of 7.2 s). JAX's
 persistent cache stores each compiled program on disk under a key of the program, the

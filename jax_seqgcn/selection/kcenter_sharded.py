@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_seqgcn import kcenter
+from jax_seqgcn.selection import kcenter
 
 DATA_AXIS = "data"
 # Padding rows: below kcenter._TAKEN (-1), so never the argmax even once every real node is taken.

@@ -1,7 +1,7 @@
 """t-SNE views of what a sampler picked: the paper's Figures 5-6, from saved selections.
 
 A run with `config.al.save_embeddings=True` keeps, for every selection, the learner embeddings of
-the unlabelled subset and the labelled set, and the picks (`jax_seqgcn.embeddings`). This module
+the unlabelled subset and the labelled set, and the picks (`jax_seqgcn.experiment.embeddings`). This module
 maps each saved selection to 2-D with scikit-learn's t-SNE (an optional extra:
 `pip install "jax-seqgcn[tsne]"`) and draws one panel per cycle, one row per workdir: unlabelled
 points light grey, labelled points blue, the picked points red on top.
@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from jax_seqgcn import embeddings as embeddings_lib
+from jax_seqgcn.experiment import embeddings as embeddings_lib
 
 DESCRIPTION = ("Draw t-SNE views of the labelled, unlabelled and picked points of saved "
                "selections (runs with config.al.save_embeddings=True), one panel per cycle.")

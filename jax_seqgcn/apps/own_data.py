@@ -4,7 +4,7 @@
   whose ids are row indices; runs a sampler that needs only features on all N rows.
 * `select_image_folder`: a folder of PNG/JPEG images and a labels CSV whose ids are paths
   relative to it; trains the learner on the labelled images with the experiment loop's own code
-  (`loop._Run`: same training, same eval pass, same sampler call), embeds every image and runs
+  (`experiment.cycle`: same training, same eval pass, same sampler call), embeds every image and runs
   the sampler on all of them.
 
 Deliberate choices:
@@ -45,15 +45,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from jax_seqgcn import data as data_lib
-from jax_seqgcn import folder
-from jax_seqgcn import graph
-from jax_seqgcn import loop
 from jax_seqgcn import models
 from jax_seqgcn import samplers
-from jax_seqgcn import workdir as workdir_lib
-from jax_seqgcn.folder import InputError
+from jax_seqgcn.data import datasets as data_lib
+from jax_seqgcn.data import folder
+from jax_seqgcn.data.folder import InputError
+from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import loop
+from jax_seqgcn.experiment import workdir as workdir_lib
 from jax_seqgcn.samplers import uncertainty
+from jax_seqgcn.selection import graph
 
 # The learner's settings for own data: the CPU-scale protocol's (protocol §9).
 IMAGE_DEFAULTS = dict(learner="small_cnn", epochs=15, batch_size=64, learning_rate=0.05)
@@ -363,7 +364,7 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
                   score=result.score_meaning, seconds=dict(read=read_s, **seconds))
     (staging / "select.json").write_text(json.dumps(record, indent=1) + "\n")
     (staging / "picks.csv").write_text(picks_csv_text(result))
-    workdir_lib.write_config(staging, json.loads(config.to_json_best_effort(sort_keys=True)))
+    workdir_lib.write_config(staging, workdir_lib.config_to_dict(config))
     _replace_folder(staging, workdir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
@@ -373,32 +374,35 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
 
 
 def _train_and_sample(config, staging, dataset, labelled, unlabelled, ids, stream):
-  """The loop's training, eval pass and sampler call (`loop._Run`); ([K] Picks, seconds)."""
-  # pylint: disable-next=protected-access (the loop's own code on purpose: no second path)
-  exp = loop._Run(config, staging, dataset)
+  """The loop's training, eval pass and sampler call (`experiment.cycle`); (Picks, seconds)."""
+  setup = loop.make_setup(config, dataset)
+  train_key, sampler_key = jax.random.split(jax.random.key(config.seed))
+  start = time.perf_counter()
+  state = cycle.train_learner(setup, train_key, dataset.train_images[labelled],
+                              dataset.train_targets[labelled],
+                              progress=loop.progress_callback(config, "train ",
+                                                              stream=stream or sys.stdout))
+  train_s = time.perf_counter() - start
+  start = time.perf_counter()
+  nodes = np.concatenate([unlabelled, labelled])  # the loop's order: candidates first
+  _say(stream, f"embedding {len(nodes)} images")
+  pool = cycle.embed_pool(setup, state, dataset.train_images, nodes,
+                          np.arange(len(nodes)) >= len(unlabelled))
+  embed_s = time.perf_counter() - start
+  _say(stream, f"sampling: {setup.sampler.name} on {len(nodes)} images ({len(unlabelled)} "
+               f"unlabelled), {config.al.budget} picks")
+  start = time.perf_counter()
+  picks, scores = sample(setup.sampler, sampler_key, pool, config.al.budget, setup.options)
+  sample_s = time.perf_counter() - start
+  _say(stream, f"sampling: done in {sample_s:.1f} s")
+  store = workdir_lib.CheckpointStore(staging / "checkpoints")
   try:
-    train_key, sampler_key = jax.random.split(jax.random.key(config.seed))
-    start = time.perf_counter()
-    state = exp.train(train_key, labelled, "train ", stream=stream or sys.stdout)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    nodes = np.concatenate([unlabelled, labelled])  # the loop's order: candidates first
-    _say(stream, f"embedding {len(nodes)} images")
-    pool = exp.pool(state, nodes, np.arange(len(nodes)) >= len(unlabelled))
-    embed_s = time.perf_counter() - start
-    _say(stream, f"sampling: {exp.sampler.name} on {len(nodes)} images ({len(unlabelled)} "
-                 f"unlabelled), {config.al.budget} picks")
-    start = time.perf_counter()
-    picks, scores = sample(exp.sampler, sampler_key, pool, config.al.budget, exp.options)
-    sample_s = time.perf_counter() - start
-    _say(stream, f"sampling: done in {sample_s:.1f} s")
-    exp.store.save(0, {"learner": _learner_tree(state),
-                       "labelled": np.asarray(labelled, np.int64),
-                       "config": workdir_lib.encode_config(exp.resolved)})
+    store.save(0, {"learner": _learner_tree(state), "labelled": np.asarray(labelled, np.int64),
+                   "config": workdir_lib.encode_config(workdir_lib.config_to_dict(config))})
   finally:
-    exp.store.close()
+    store.close()
   result = Picks([ids[i] for i in nodes[picks]], scores,
-                 PICK_SCORES.get(exp.sampler.name, (None,))[0])
+                 PICK_SCORES.get(setup.sampler.name, (None,))[0])
   return result, dict(train=train_s, embed=embed_s, sample=sample_s)
 
 

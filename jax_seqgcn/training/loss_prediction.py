@@ -1,5 +1,5 @@
 """Learning Loss (Yoo & Kweon 2019) as an option of learner training: the ranking loss and
-the joint objective that `train.fit(..., loss_prediction=LossPrediction(...))` optimises.
+the joint objective that `training.fit(..., loss_prediction=LossPrediction(...))` optimises.
 
 A `LossNet` (`jax_seqgcn.models.lossnet`) reads the learner's 4 stage outputs and predicts
 each example's task loss. It is trained with the learner, on the same batches, by
@@ -14,7 +14,7 @@ is max(0, margin - sign * (predicted_i - predicted_j)); the result is the mean o
 From epoch `detach_epoch` on, the stage features reach the LossNet through `stop_gradient`:
 the ranking term then trains the LossNet only and no longer shapes the learner.
 
-Batches and fillers: a batch may end with zero-weight filler copies (see `train.fit`). Only
+Batches and fillers: a batch may end with zero-weight filler copies (see `training.fit`). Only
 real examples are paired, as if the batch held only them (torch's smaller last batch): the
 r real examples, in batch order, form pairs (k, r-1-k) for k < r // 2. An odd r leaves its
 middle example unpaired (the reference asserts even batches instead), and r < 2 gives 0.
@@ -171,7 +171,7 @@ def ranking_term(loss_net: LossNet, loss_net_params, stage_features: Sequence[ja
 
 
 def apply_joint_gradients(state, grads, loss_net_grads, **changes):
-  """One optimiser step over `(params, loss_net_params)` (a `train.TrainState` holding a LossNet).
+  """One optimiser step over `(params, loss_net_params)` (a `TrainState` holding a LossNet).
 
   Args:
     state: the state; its `opt_state` was initialised on `(params, loss_net_params)`.

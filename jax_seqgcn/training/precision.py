@@ -1,6 +1,6 @@
 """Mixed precision for the learner: float32 parameters, activations in a compute dtype.
 
-`config.train.compute_dtype` (and the `compute_dtype` argument of `train.fit`, `evaluate`,
+`config.train.compute_dtype` (and the `compute_dtype` argument of `training.fit`, `evaluate`,
 `forward_pool`...) is "float32" (default, exact) or "bfloat16". With bfloat16:
 
   * parameters, gradients and the optimiser state stay float32 (the master copy); each step

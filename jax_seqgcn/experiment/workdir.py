@@ -97,6 +97,11 @@ def check_same_run(workdir: pathlib.Path, saved: Optional[Dict[str, Any]],
         f"{', '.join(diff)}). Use a new --workdir, or the same config to resume.")
 
 
+def config_to_dict(config) -> Dict[str, Any]:
+  """A config (`ml_collections.ConfigDict`) as the plain dict `config.json` and checkpoints hold."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
 def read_config(workdir: pathlib.Path) -> Optional[Dict[str, Any]]:
   """The `config.json` of `workdir`, or None."""
   path = workdir / CONFIG_FILE

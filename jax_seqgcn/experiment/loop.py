@@ -1,59 +1,53 @@
 """The active learning experiment (protocol §1): trials x cycles, checkpointed after every cycle.
 
-Each cycle: a fresh learner is trained on the labelled set and tested; then (except in the last
-cycle) a random `subset` of the unlabelled pool (or the whole pool) and the labelled set are
-embedded by the learner, the sampler picks `budget` subset points, and they join the labelled set.
+Each cycle is `experiment.cycle.run_cycle`: a fresh learner is trained on the labelled set and
+tested; then (except in the last cycle) a random `subset` of the unlabelled pool (or the whole
+pool) and the labelled set are embedded by the learner, the sampler picks `budget` subset points,
+and they join the labelled set. This module adds the config, the workdir and the resume logic.
 
 Keys: one `config.seed`; trial t uses `fold_in(key(seed), t)`, its cycle c `fold_in(trial, c + 1)`
 (split into training, subset and sampler keys), so any cycle can be recomputed from the labelled
 set alone and a resumed run equals an uninterrupted one.
 
-What is computed for the sampler is what it declares it needs (`samplers.Sampler.needs`): one
-eval pass gives the embeddings and class probabilities (and predicted losses when the learner was
-trained with a loss-prediction module, which the LearningLoss sampler asks for); VAAL gets the
-preprocessed images; Random gets nothing and costs no pass.
-
-Workdir (see `jax_seqgcn.workdir`): locked for the run; `config.json` (the resolved config, also
+Workdir (see `experiment.workdir`): locked for the run; `config.json` (the resolved config, also
 stored in every checkpoint), `results.jsonl` (one line per trial x cycle),
 `labelled/trial{t}_cycle{c}.npy` (indices trained on), `summary.md`, `curve.png`, and
 `checkpoints/` (orbax; the source of truth the other files are rewritten from on resume). With
 `config.al.save_embeddings`, also `embeddings/trial{t}_cycle{c}.npz` for every selection: the
 learner embeddings (float16) of the subset and labelled set, the labelled mask and the picks
-(`jax_seqgcn.embeddings` documents the arrays); a sampler that needs no embedding then costs one
-extra eval pass, which is not counted in `embed_s`.
+(`experiment.embeddings` documents the arrays); a sampler that needs no embedding then costs
+one extra eval pass, which is not counted in `embed_s`.
 
 Every config field is checked before the data is loaded, and the data-dependent ones (pool size,
 targets, image size) right after, before the workdir is written to.
 """
 
 import contextlib
-import json
 import math
 import pathlib
-import time
 from typing import List, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
-from jax_seqgcn import augment
 from jax_seqgcn import checks
-from jax_seqgcn import data as data_lib
-from jax_seqgcn import embeddings as embeddings_lib
 from jax_seqgcn import models
-from jax_seqgcn import parallel
-from jax_seqgcn import precision
-from jax_seqgcn import results as results_lib
 from jax_seqgcn import samplers
-from jax_seqgcn import train
-from jax_seqgcn import workdir as workdir_lib
+from jax_seqgcn.data import datasets as data_lib
+from jax_seqgcn.experiment import cycle as cycle_lib
+from jax_seqgcn.experiment import embeddings as embeddings_lib
+from jax_seqgcn.experiment import results as results_lib
+from jax_seqgcn.experiment import workdir as workdir_lib
+from jax_seqgcn.training import augment
+from jax_seqgcn.training import parallel
+from jax_seqgcn.training import precision
+from jax_seqgcn.training import progress as progress_lib
+from jax_seqgcn.training import state as state_lib
 
 CONFIG_FILE = workdir_lib.CONFIG_FILE
 # config.sampler keys that are not sampler options.
 _SAMPLER_META = ("name",)
-# Pool fields computed by the learner's eval pass.
-_FORWARD_FIELDS = ("features", "probabilities", "predicted_losses")
 
 
 class ConfigError(ValueError):
@@ -62,10 +56,6 @@ class ConfigError(ValueError):
 
 class RunError(RuntimeError):
   """A run that cannot go on (diverged training, unreadable data); earlier cycles are kept."""
-
-
-def _config_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
 def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] = None, *,
@@ -92,9 +82,9 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
   if config.learner.name not in models.LEARNERS:
     problems.append(f"unknown learner {config.learner.name!r}; valid: "
                     f"{', '.join(models.LEARNERS)}")
-  if config.learner.task not in train.TASKS:
+  if config.learner.task not in state_lib.TASKS:
     problems.append(f"unknown learner.task {config.learner.task!r}; valid: "
-                    f"{', '.join(train.TASKS)}")
+                    f"{', '.join(state_lib.TASKS)}")
   elif (sampler is not None and config.learner.task != "classification"
         and "probabilities" in sampler.needs):
     problems.append(f"sampler {sampler.name} needs class probabilities, which a "
@@ -168,13 +158,27 @@ def sampler_options(config) -> dict:
           if k not in _SAMPLER_META and k in sampler.options}
 
 
-def _fit_kwargs(config) -> dict:
+def fit_kwargs(config) -> dict:
+  """`training.fit` keyword arguments of `config.train` (the sampler's own are added later)."""
   t = config.train
   milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else (t.milestones,)
-  return dict(task=config.learner.task, epochs=t.epochs, batch_size=t.batch_size,
-              learning_rate=t.learning_rate, momentum=t.momentum,
-              weight_decay=t.weight_decay, milestones=tuple(milestones), gamma=t.gamma,
-              compute_dtype=_compute_dtype(config))
+  return dict(epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+              momentum=t.momentum, weight_decay=t.weight_decay, milestones=tuple(milestones),
+              gamma=t.gamma, compute_dtype=_compute_dtype(config))
+
+
+def make_setup(config, dataset: data_lib.Dataset, *, mesh=None) -> cycle_lib.CycleSetup:
+  """The `cycle.CycleSetup` of a config for `dataset` (learner sized to its classes/targets)."""
+  task = config.learner.task
+  num_outputs = (dataset.num_classes if task == "classification"
+                 else dataset.train_targets.shape[1])
+  model = models.get_learner(config.learner.name, num_classes=num_outputs,
+                             channels=dataset.train_images.shape[-1])
+  return cycle_lib.make_setup(
+      model=model, sampler=config.sampler.name, task=task,
+      preprocessing=augment.preprocessing_for(config.data.name),
+      options=sampler_options(config), fit_kwargs=fit_kwargs(config),
+      eval_batch_size=config.train.eval_batch_size, mesh=mesh)
 
 
 def _added_field(config, dotted: str):
@@ -192,12 +196,27 @@ def _save_embeddings(config):
   return _added_field(config, "al.save_embeddings")
 
 
-def _comparable(config) -> dict:
-  return json.loads(config.to_json_best_effort(sort_keys=True))
+def progress_callback(config, prefix: str, *, stream=None):
+  """`fit`'s per-epoch callback: a `RunError` at the first non-finite loss, text lines (main
+  process only, to `stream`; None: stderr) five times per training."""
+  every = max(1, config.train.epochs // 5)
+  shown = (progress_lib.text_progress(every=every, prefix=prefix, stream=stream)
+           if parallel.is_main_process() else None)
+
+  def progress(epoch, epochs, metrics):
+    # Stop at the first non-finite epoch loss rather than record a diverged learner.
+    if not math.isfinite(metrics["loss"]):
+      raise RunError(f"{prefix.strip()}: the learner's training loss is {metrics['loss']} at "
+                     f"epoch {epoch}; it diverged (train.learning_rate "
+                     f"{config.train.learning_rate}). Earlier cycles are saved.")
+    if shown is not None:
+      shown(epoch, epochs, metrics)
+
+  return progress
 
 
 class _Run:
-  """State of one experiment: data, learner, sampler, checkpoints, records so far."""
+  """State of one experiment in its workdir: the setup, the checkpoints, the records so far."""
 
   def __init__(self, config, workdir: pathlib.Path, dataset: data_lib.Dataset):
     self.config, self.workdir, self.dataset = config, workdir, dataset
@@ -206,20 +225,9 @@ class _Run:
           test_images=self.dataset.test_images[:config.data.max_test],
           test_targets=self.dataset.test_targets[:config.data.max_test])
     self.task = config.learner.task
-    num_outputs = (self.dataset.num_classes if self.task == "classification"
-                   else self.dataset.train_targets.shape[1])
-    self.model = models.get_learner(config.learner.name, num_classes=num_outputs,
-                                    channels=self.dataset.train_images.shape[-1])
-    self.preprocessing = augment.preprocessing_for(config.data.name)
-    self.sampler = samplers.get_sampler(config.sampler.name)
-    self.options = self.sampler.resolve_options(sampler_options(config))
-    self.loss_prediction = None
-    if "predicted_losses" in self.sampler.needs:
-      self.loss_prediction = samplers.learning_loss.loss_prediction_from_options(
-          self.options, config.train.epochs)
-    self.mesh = parallel.make_mesh()
+    self.setup = make_setup(config, self.dataset)
     self.store = workdir_lib.CheckpointStore(workdir / "checkpoints")
-    self.resolved = _comparable(config)
+    self.resolved = workdir_lib.config_to_dict(config)
     self.records: List[results_lib.Record] = []
 
   def cycle_key(self, trial: int, cycle: int) -> jax.Array:
@@ -234,86 +242,25 @@ class _Run:
     # int64 like a restored checkpoint's, so resumed and uninterrupted runs save identical files.
     return np.asarray(perm[:self.config.al.initial], np.int64)
 
-  def train_and_test(self, key, labelled, prefix):
-    state = self.train(key, labelled, prefix)
-    return state, self.test(state)
-
-  def train(self, key, labelled, prefix, *, stream=None):
-    """A fresh learner trained on the pool images `labelled` ([L] indices).
-
-    Progress lines go to `stream` (None: stderr); a non-finite epoch loss raises `RunError`.
-    """
-    every = max(1, self.config.train.epochs // 5)
-    shown = (train.text_progress(every=every, prefix=prefix, stream=stream)
-             if parallel.is_main_process() else None)
-
-    def progress(epoch, epochs, metrics):
-      # Stop at the first non-finite epoch loss rather than record a diverged learner.
-      if not math.isfinite(metrics["loss"]):
-        raise RunError(f"{prefix.strip()}: the learner's training loss is {metrics['loss']} at "
-                       f"epoch {epoch}; it diverged (train.learning_rate "
-                       f"{self.config.train.learning_rate}). Earlier cycles are saved.")
-      if shown is not None:
-        shown(epoch, epochs, metrics)
-
-    extra = {} if self.loss_prediction is None else {"loss_prediction": self.loss_prediction}
-    return train.fit(key, self.model, self.dataset.train_images[labelled],
-                     self.dataset.train_targets[labelled], preprocessing=self.preprocessing,
-                     mesh=self.mesh, progress=progress, **_fit_kwargs(self.config), **extra)
-
-  def test(self, state) -> float:
-    """The test metric of a trained learner on the dataset's test split."""
-    return train.evaluate(state, self.model, self.dataset.test_images,
-                          self.dataset.test_targets, task=self.task,
-                          batch_size=self.config.train.eval_batch_size,
-                          preprocessing=self.preprocessing, mesh=self.mesh,
-                          compute_dtype=_compute_dtype(self.config))
-
-  def forward(self, state, nodes: np.ndarray) -> dict:
-    """`train.forward_pool` of the training images `nodes` [M] (every process takes part)."""
-    return train.forward_pool(state, self.model, self.dataset.train_images, nodes,
-                              task=self.task, batch_size=self.config.train.eval_batch_size,
-                              preprocessing=self.preprocessing, mesh=self.mesh,
-                              compute_dtype=_compute_dtype(self.config))
-
-  def pool(self, state, nodes: np.ndarray, labelled_mask: np.ndarray) -> samplers.Pool:
-    """The `Pool` of `nodes` with just the fields the sampler needs."""
-    fields = {}
-    if self.sampler.needs & set(_FORWARD_FIELDS):
-      out = self.forward(state, nodes)
-      out["features"] = out.pop("embedding")
-      fields.update({k: out[k] for k in _FORWARD_FIELDS if k in self.sampler.needs})
-    if "images" in self.sampler.needs:
-      fields["images"] = augment.preprocess_all(self.dataset.train_images, nodes,
-                                                self.preprocessing)
-    return samplers.Pool(labelled_mask, **fields)
-
-  def select(self, key, state, labelled, save_to: Optional[pathlib.Path] = None):
-    """Returns (new labelled set, seconds embedding, seconds sampling).
-
-    With `save_to`, also writes what the sampler saw there (`embeddings.save`; main process).
-    """
+  def run_cycle(self, trial: int, cycle: int, labelled: np.ndarray,
+                prefix: str) -> cycle_lib.CycleResult:
+    """`cycle.run_cycle` of (trial, cycle); saves what the sampler saw when asked to."""
     al = self.config.al
-    subset_key, sampler_key = jax.random.split(key)
-    unlabelled = np.setdiff1d(np.arange(len(self.dataset.train_images)), labelled)
-    if not al.whole_pool and al.subset < len(unlabelled):
-      unlabelled = np.asarray(jax.random.choice(subset_key, unlabelled, (al.subset,),
-                                                replace=False))
-    start = time.perf_counter()
-    # Node order as the reference: the unlabelled subset first, then the labelled set.
-    nodes = np.concatenate([unlabelled, labelled])
-    pool = self.pool(state, nodes, np.arange(len(nodes)) >= len(unlabelled))
-    embed_s = time.perf_counter() - start
-    start = time.perf_counter()
-    picks = np.asarray(self.sampler(sampler_key, pool, al.budget, **self.options))
-    sample_s = time.perf_counter() - start
-    if save_to is not None:
-      features = pool.features
+    last = cycle == (1 if al.upper_bound else al.cycles) - 1
+    result = cycle_lib.run_cycle(
+        self.setup, self.cycle_key(trial, cycle), self.dataset, labelled,
+        budget=None if last else al.budget, subset=None if al.whole_pool else al.subset,
+        progress=progress_callback(self.config, prefix))
+    if result.selection is not None and _save_embeddings(self.config):
+      selection = result.selection
+      features = selection.pool.features
       if features is None:  # the sampler needed none: one extra pass, not counted in embed_s
-        features = self.forward(state, nodes)["embedding"]
+        features = cycle_lib.forward(self.setup, result.state, self.dataset.train_images,
+                                     selection.nodes)["embedding"]
       if parallel.is_main_process():
-        embeddings_lib.save(save_to, nodes, features, pool.labelled_mask, picks)
-    return np.concatenate([labelled, unlabelled[picks]]), embed_s, sample_s
+        embeddings_lib.save(embeddings_lib.path(self.workdir, trial, cycle), selection.nodes,
+                            features, selection.pool.labelled_mask, selection.picks)
+    return result
 
   # Checkpoints: global step = trial * cycles + cycle, saved once that cycle is complete.
   def save(self, step: int, next_labelled: np.ndarray) -> None:
@@ -384,7 +331,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> List[results_lib.Record]:
 
 
 def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
-  resolved = _comparable(config)
+  resolved = workdir_lib.config_to_dict(config)
   saved = workdir_lib.read_config(workdir)
   workdir_lib.check_same_run(workdir, saved, resolved, workdir_lib.CONFIG_FILE)
   dataset = _load_data(config)
@@ -414,15 +361,12 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
       prefix = f"trial {trial + 1}/{al.trials} cycle {cycle + 1}/{cycles} "
       if parallel.is_main_process():
         np.save(_labelled_path(workdir, trial, cycle), labelled)
-      train_key, select_key = jax.random.split(exp.cycle_key(trial, cycle))
-      start = time.perf_counter()
-      state, metric = exp.train_and_test(train_key, labelled, prefix)
-      train_s = time.perf_counter() - start
-      embed_s = sample_s = 0.0
-      next_labelled = labelled
-      if cycle < cycles - 1:
-        save_to = embeddings_lib.path(workdir, trial, cycle) if _save_embeddings(config) else None
-        next_labelled, embed_s, sample_s = exp.select(select_key, state, labelled, save_to)
+      result = exp.run_cycle(trial, cycle, labelled, prefix)
+      selection = result.selection
+      next_labelled = labelled if selection is None else selection.next_labelled
+      embed_s = 0.0 if selection is None else selection.embed_s
+      sample_s = 0.0 if selection is None else selection.sample_s
+      metric, train_s = result.metric, result.train_s
       exp.records.append(results_lib.Record(trial, cycle, len(labelled), metric, train_s,
                                             embed_s, sample_s))
       exp.save(step, next_labelled)

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from jax_seqgcn import tsne  # matplotlib and scikit-learn are imported only when drawing
+from jax_seqgcn.apps import tsne  # matplotlib and scikit-learn are imported only when drawing
 
 PROG = "jax-seqgcn"
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -68,7 +68,8 @@ def parse_option(text: str) -> Tuple[str, Any]:
 
 
 def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
-  from jax_seqgcn import own_data, samplers  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn import samplers  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.apps import own_data  # pylint: disable=g-import-not-at-top
   source = parser.add_argument_group("input (one of --features / --images)")
   given = source.add_mutually_exclusive_group(required=True)
   given.add_argument("--features", metavar="FEATURES",
@@ -119,7 +120,7 @@ def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_select(args: argparse.Namespace) -> int:
-  from jax_seqgcn import own_data  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.apps import own_data  # pylint: disable=g-import-not-at-top
   options: Dict[str, Any] = {}
   for name, value in args.option:
     if name in options:
@@ -178,9 +179,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
     return exit_.code
   if argv is None:  # run as a program (not called from Python): see host_memory
-    from jax_seqgcn import host_memory  # pylint: disable=g-import-not-at-top
+    from jax_seqgcn.runtime import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages()
-  from jax_seqgcn import folder, loop  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.data import folder  # pylint: disable=g-import-not-at-top
+  from jax_seqgcn.experiment import loop  # pylint: disable=g-import-not-at-top
   prefix = f"{PROG} {args.command}: error:"
   try:
     return COMMANDS[args.command][2](args)

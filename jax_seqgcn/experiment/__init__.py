@@ -1,0 +1,11 @@
+"""The experiment layer: one I/O-free cycle and the checkpointed trials x cycles loop.
+
+* `cycle`: train -> test -> pool -> select as pure steps (`make_setup`, `run_cycle`).
+* `loop`: `run(config, workdir)`: configs, the workdir, checkpoints and resume.
+* `workdir`: locking, `config.json`, the orbax checkpoint store.
+* `results`: records, markdown tables and learning curves.
+* `embeddings`: what the sampler saw, saved per selection (`config.al.save_embeddings`).
+
+Import the modules themselves (`from jax_seqgcn.experiment import loop`); this package imports
+nothing, so `cycle` does not load orbax or ml_collections.
+"""
