@@ -1,20 +1,37 @@
-"""Shared fixtures: compact copies of the reference implementation's outputs in tests/data.
+"""Shared fixtures and helpers of the tests.
 
-The files in tests/data (see tests/data/README.md) come from the public PyTorch reference run on
-fixed inputs; they are part of the repository, so these tests never skip. `features` and
-`features_l2` are rebuilt from a recipe and checked byte for byte against the reference's SHA-256.
+* The reference outputs (`ref`): compact copies of the reference implementation's outputs in
+  tests/data (see tests/data/README.md), from the public PyTorch reference run on fixed inputs;
+  they are part of the repository, so these tests never skip. `features` and `features_l2` are
+  rebuilt from a recipe and checked byte for byte against the reference's SHA-256.
+* Jaxpr inspection: `shapes_in_jaxpr`, `has_square_array`.
+* Tiny experiment runs: the `npz_path` fixture (a small synthetic set), `tiny_config`,
+  `labelled_sets`, `FAST_SAMPLER_OPTIONS`.
+* Tiny learners: `TinyBN`.
+* Subprocesses: `ROOT`, `free_port`, `python_env`, `python_command`, `run_python`,
+  `main_args`.
+
+Fixtures need no import; import the plain helpers with `from tests.conftest import ...` (a
+subprocess can too when it runs with `python_env()`, which puts the repository root on its path).
 """
 
 import functools
 import hashlib
 import json
+import os
 import pathlib
+import socket
+import subprocess
+import sys
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root
+DATA_DIR = ROOT / "tests" / "data"
 # Reference layout: nodes 0..1999 unlabelled subset, 2000..2999 labelled.
 NUM_NODES, NUM_UNLABELLED = 3000, 2000
 
@@ -150,3 +167,107 @@ def shapes_in_jaxpr(jaxpr):
 def has_square_array(jaxpr, n):
   """True if any intermediate has two axes of size n (an N x N matrix)."""
   return any(sum(d == n for d in shape) >= 2 for shape in shapes_in_jaxpr(jaxpr))
+
+
+# ----------------------------------------------------------------------------- tiny runs
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+  """A small synthetic classification set: 10 classes of noisy class-mean images."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 400)
+  means = rng.integers(0, 256, (10, 28, 28, 1))
+  images = np.clip(means[labels] + rng.normal(0, 40, (400, 28, 28, 1)), 0, 255).astype(np.uint8)
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  np.savez(path, images=images[:300], targets=labels[:300], test_images=images[300:],
+           test_targets=labels[300:])
+  return str(path)
+
+
+def tiny_config(npz=None, **overrides):
+  """configs/test.py with 1 trial of 1 epoch, on the npz file `npz` if given;
+  `section__name=value` overrides set config.section.name (`name=value` a top-level field)."""
+  from configs import test as test_config  # pylint: disable=import-outside-toplevel
+  config = test_config.get_config()
+  if npz:
+    config.data.name, config.data.source, config.data.path = "npz", "npz", npz
+  config.al.trials = 1
+  config.train.epochs = 1
+  for dotted, value in overrides.items():
+    section, _, name = dotted.rpartition("__")
+    (config[section] if section else config)[name] = value
+  return config
+
+
+def labelled_sets(workdir, trial=0):
+  """The labelled index sets a run saved for `trial`, one per cycle, in cycle order."""
+  files = sorted((pathlib.Path(workdir) / "labelled").glob(f"trial{trial}_cycle*.npy"))
+  return [np.load(f) for f in files]
+
+
+# Small settings of the slow samplers' options (each sampler reads only its own).
+FAST_SAMPLER_OPTIONS = dict(vaal_epochs=1, vaal_batch_size=16, vaal_width=0.125,
+                            vaal_latent_dim=8)
+
+
+# ----------------------------------------------------------------------------- tiny learners
+
+
+class TinyBN(nn.Module):
+  """Conv + BatchNorm learner with the common interface (8x8 inputs)."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    h = nn.Conv(4, (3, 3))(x)
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(h)
+    h = nn.relu(h)
+    embedding = jnp.mean(h, axis=(1, 2))
+    return nn.Dense(self.num_classes)(embedding), embedding, (h, h, h, h)
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def free_port() -> int:
+  """A TCP port of 127.0.0.1 that was free a moment ago (for a jax.distributed coordinator)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def python_env(**overrides) -> dict:
+  """This process's environment with the repository root first on PYTHONPATH (so a subprocess
+  imports this checkout's `jax_seqgcn`, `configs` and `tests`), then `overrides` (str()-ed;
+  None removes the variable)."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+  for name, value in overrides.items():
+    if value is None:
+      env.pop(name, None)
+    else:
+      env[name] = str(value)
+  return env
+
+
+def python_command(*args) -> list:
+  """`[this interpreter, *args]`, every argument a str (for subprocess.Popen or run)."""
+  return [sys.executable, *map(str, args)]
+
+
+def run_python(*args, timeout=120, env=None, **kwargs) -> subprocess.CompletedProcess:
+  """Runs `python *args` (e.g. a script and its flags, or "-c", code) to its end.
+
+  Text stdout and stderr are captured, `env` defaults to `python_env()`, and a `timeout` (in
+  seconds) turns a hang into an error; other keywords (cwd, check) go to `subprocess.run`.
+  """
+  return subprocess.run(python_command(*args), capture_output=True, text=True, timeout=timeout,
+                        env=python_env() if env is None else env, **kwargs)
+
+
+def main_args(workdir, *flags) -> list:
+  """`python` arguments running `experiments/main.py` on configs/test.py and `workdir`, then
+  `flags`: `run_python(*main_args(...))`, or `python_command(*main_args(...))` for Popen."""
+  return [str(ROOT / "experiments" / "main.py"), f"--config={ROOT / 'configs' / 'test.py'}",
+          f"--workdir={workdir}", *map(str, flags)]

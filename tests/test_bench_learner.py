@@ -1,9 +1,10 @@
 """experiments/bench_learner.py: one record per case from repeated, alternating measurements."""
 
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "experiments"))
 
 import bench_learner  # noqa: E402  (a script directory, not a package)
 

@@ -3,26 +3,24 @@
 import configparser
 import csv
 import importlib
-import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from jax_seqgcn.apps import cli
-from jax_seqgcn.data import datasets as data
-from jax_seqgcn.selection import graph
-from jax_seqgcn.experiment import cycle
-from jax_seqgcn.experiment import loop
-from jax_seqgcn.apps import own_data
+from jax_seqgcn import data
 from jax_seqgcn import samplers
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from jax_seqgcn import selection
+from jax_seqgcn.apps import cli
+from jax_seqgcn.apps import own_data
+from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import workdir as workdir_lib
+from tests.conftest import ROOT
+from tests.conftest import run_python
 NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
          "Bag", "Ankle boot"]  # any strings: a slash, a space
 NUM_IMAGES, NUM_LABELLED = 300, 40
@@ -106,7 +104,7 @@ def test_images_round_trip(tmp_path, folder_data, capsys):
   assert record["classes"] == sorted(NAMES) and record["picks"] == picks
   assert record["image_shape"] == [28, 28, 1] and len(record["ids"]) == NUM_IMAGES
   assert (workdir / "picks.csv").read_text() == (tmp_path / "picks.csv").read_text()
-  config = loop.workdir_lib.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   assert config["sampler"]["name"] == "Entropy" and config["al"]["whole_pool"]
   assert config["learner"]["name"] == "small_cnn" and config["train"]["epochs"] == 2
   x = np.stack([np.asarray(Image.open(directory / p)) for p in picks[:4]])[..., None] / 255.0
@@ -158,7 +156,7 @@ def test_features_round_trip_equals_the_sampler(tmp_path, fmnist):
   assert header == ["rank", "id", "score"]
   assert [int(p) for p in picks2] == np.asarray(direct).tolist()
   assert not {int(p) for p in picks2} & set(np.flatnonzero(mask).tolist())
-  gcn_scores = graph.train_gcn(key, features, mask, steps=30).scores
+  gcn_scores = selection.train_gcn(key, features, mask, steps=30).scores
   np.testing.assert_allclose([float(r[2]) for r in rows], np.asarray(gcn_scores)[direct],
                              rtol=1e-6)
 
@@ -326,15 +324,12 @@ def test_diverged_learner_writes_nothing(tmp_path, folder_data, capsys):
 
 
 def test_help_in_a_subprocess_and_the_console_script():
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-m", "jax_seqgcn", "select", "--help"],
-                       capture_output=True, text=True, timeout=120, env=env)
+  out = run_python("-m", "jax_seqgcn", "select", "--help")
   assert out.returncode == 0, out.stderr
   for flag in ("--features", "--images", "--labels", "--budget", "--sampler", "--out",
                "--learner", "--epochs", "--image_size", "--workdir", "--option", "--force"):
     assert flag in out.stdout
-  bad = subprocess.run([sys.executable, "-m", "jax_seqgcn", "select", "--budget", "3"],
-                       capture_output=True, text=True, timeout=120, env=env)
+  bad = run_python("-m", "jax_seqgcn", "select", "--budget", 3)
   assert bad.returncode == 2 and bad.stderr.startswith("jax-seqgcn select: error: ")
   # setup.cfg's console script names cli.main; run the installed one when there is one.
   setup = configparser.ConfigParser()

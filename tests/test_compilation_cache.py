@@ -1,11 +1,7 @@
 """The persistent compilation cache: programs land on disk and a second process loads them."""
 
-import os
-import pathlib
-import subprocess
-import sys
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import python_env
+from tests.conftest import run_python
 
 PROGRAM = """
 import sys, jax, jax.numpy as jnp
@@ -17,10 +13,8 @@ f(jnp.ones((64, 64))).block_until_ready()
 
 
 def _run(*args, env=None):
-  base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  env = dict(base, PYTHONPATH=str(ROOT), **(env or {}))
-  return subprocess.run([sys.executable, "-c", PROGRAM, *args], env=env, check=True,
-                        capture_output=True, text=True).stdout.strip()
+  env = python_env(**{"JAX_COMPILATION_CACHE_DIR": None, **(env or {})})
+  return run_python("-c", PROGRAM, *args, env=env, check=True, timeout=300).stdout.strip()
 
 
 def test_programs_are_cached_and_reused(tmp_path):

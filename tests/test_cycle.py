@@ -7,7 +7,8 @@ import pytest
 import jax_seqgcn
 from jax_seqgcn.experiment import cycle
 from jax_seqgcn.experiment import loop
-from tests.test_loop import labelled_sets, npz_path, tiny_config  # pylint: disable=unused-import
+from tests.conftest import labelled_sets
+from tests.conftest import tiny_config
 
 
 def _setup(sampler, **options):
@@ -19,7 +20,7 @@ def _setup(sampler, **options):
                                eval_batch_size=100)
 
 
-def test_cycle_by_hand_equals_the_loops_first_cycle(tmp_path, npz_path):  # pylint: disable=redefined-outer-name
+def test_cycle_by_hand_equals_the_loops_first_cycle(tmp_path, npz_path):
   config = tiny_config(npz_path, sampler__name="CoreSet", al__cycles=2)
   records = loop.run(config, tmp_path)
   first, second = labelled_sets(tmp_path)
@@ -37,15 +38,15 @@ def test_cycle_by_hand_equals_the_loops_first_cycle(tmp_path, npz_path):  # pyli
   np.testing.assert_array_equal(selection.nodes[selection.picks], second[len(first):])
 
 
-def test_last_cycle_selects_nothing(npz_path):  # pylint: disable=redefined-outer-name
+def test_last_cycle_selects_nothing(npz_path):
   dataset = jax_seqgcn.load_dataset("npz", source="npz", path=npz_path)
-  result = cycle.run_cycle(_setup("Random"), jax.random.key(0), dataset, np.arange(40),
+  result = jax_seqgcn.run_cycle(_setup("Random"), jax.random.key(0), dataset, np.arange(40),
                            budget=None)
   assert result.selection is None and result.next_labelled is None
   assert 0.0 <= result.metric <= 1.0 and result.train_s > 0
 
 
-def test_random_builds_no_pool_fields_and_whole_pool_offers_everything(npz_path):  # pylint: disable=redefined-outer-name
+def test_random_builds_no_pool_fields_and_whole_pool_offers_everything(npz_path):
   dataset = jax_seqgcn.load_dataset("npz", source="npz", path=npz_path)
   setup = _setup("Random")
   labelled = np.arange(0, 300, 3)
@@ -83,10 +84,10 @@ def test_samplers_declare_what_the_learners_training_adds():
 def test_make_setup_refuses_bad_input_before_any_work():
   model = jax_seqgcn.get_learner("small_cnn", num_classes=10, channels=1)
   with pytest.raises(ValueError, match="unknown sampler 'Nope'"):
-    cycle.make_setup(model=model, sampler="Nope")
+    jax_seqgcn.make_setup(model=model, sampler="Nope")
   with pytest.raises(ValueError, match="task must be one of"):
-    cycle.make_setup(model=model, sampler="Random", task="ranking")
+    jax_seqgcn.make_setup(model=model, sampler="Random", task="ranking")
   with pytest.raises(ValueError, match="unknown option"):
-    cycle.make_setup(model=model, sampler="CoreSet", options={"hops": 2})
+    jax_seqgcn.make_setup(model=model, sampler="CoreSet", options={"hops": 2})
   with pytest.raises(ValueError, match="compute_dtype"):
-    cycle.make_setup(model=model, sampler="Random", fit_kwargs={"compute_dtype": "float16"})
+    jax_seqgcn.make_setup(model=model, sampler="Random", fit_kwargs={"compute_dtype": "float16"})

@@ -4,16 +4,17 @@ import gzip
 import io
 import os
 import re
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from jax_seqgcn.data import datasets as data
+from jax_seqgcn import data
+from jax_seqgcn.data import datasets
+from tests.conftest import run_python
 
-IDX_DIR = data.FASHION_MNIST_IDX_DIR
+IDX_DIR = datasets.FASHION_MNIST_IDX_DIR
 HAVE_IDX = os.path.isfile(os.path.join(IDX_DIR, "train-labels-idx1-ubyte.gz"))
 needs_idx = pytest.mark.skipif(not HAVE_IDX, reason="apt-get install dataset-fashion-mnist")
 
@@ -47,7 +48,7 @@ def test_load_tfds_mock(tfds, tmp_path, name, shape, num_classes):
 
 
 def test_load_tfds_mock_several_batches(tfds, tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_TFDS_READ_BATCH", 4)
+  monkeypatch.setattr(datasets, "TFDS_READ_BATCH", 4)
   with tfds.testing.mock_data(num_examples=10):
     ds = data.load_tfds("cifar10", data_dir=str(tmp_path))
   assert ds.train_images.shape == (10, 32, 32, 3)
@@ -103,7 +104,8 @@ def test_load_tfds_unknown_name():
 
 def test_import_does_not_import_tensorflow():
   code = "import sys, jax_seqgcn.data.datasets; assert 'tensorflow' not in sys.modules"
-  subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+  out = run_python("-c", code, timeout=60)
+  assert out.returncode == 0, out.stderr
 
 
 # --------------------------------------------------------------------------- IDX

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn.selection import kmedoids
 from jax_seqgcn import samplers
+from jax_seqgcn import selection
 from jax_seqgcn.samplers import featprop
+from jax_seqgcn.selection import kmedoids
 from tests.conftest import has_square_array
 
 # Most tests share one shape and k, so they share one compilation.
@@ -193,7 +194,7 @@ def test_never_forms_an_n_by_n_array():
 
   assert not has_square_array(run(16), n)
   assert has_square_array(run(n), n)  # the check itself can fail: a block of all n nodes
-  adjacency = featprop.graph.factored_adjacency(jnp.ones((n, 5)) + jnp.eye(n, 5))
+  adjacency = selection.factored_adjacency(jnp.ones((n, 5)) + jnp.eye(n, 5))
   jaxpr = jax.make_jaxpr(featprop._propagate_hops)(  # pylint: disable=protected-access
       adjacency, jnp.ones((n, 5)), 2)
   assert not has_square_array(jaxpr, n)

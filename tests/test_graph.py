@@ -150,10 +150,9 @@ def test_dropout_uses_key_and_eval_is_deterministic():
 
 
 def test_train_gcn_traces_once_per_shape(monkeypatch):
-  counted = jax.jit(chex.assert_max_traces(graph._train, n=1),  # pylint: disable=protected-access
-                    static_argnames=("hidden", "dropout_rate", "num_layers", "steps",
-                                     "adjacency_mode", "architecture"))
-  monkeypatch.setattr(graph, "_train_jit", counted)
+  counted = jax.jit(chex.assert_max_traces(graph.train_steps, n=1),
+                    static_argnames=graph.TRAIN_STATIC_ARGNAMES)
+  monkeypatch.setattr(graph, "train_steps_jit", counted)
   rng = np.random.default_rng(0)
   mask = np.arange(30) >= 20
   for seed, lam, lr in [(0, 1.2, 1e-3), (1, 0.5, 1e-2), (2, 2.0, 3e-4)]:
@@ -165,12 +164,12 @@ def test_train_gcn_traces_once_per_shape(monkeypatch):
 def test_factored_training_never_forms_an_n_by_n_array():
   n = 48
   jaxpr = jax.make_jaxpr(functools.partial(
-      graph._train, hidden=8, dropout_rate=0.3, num_layers=2, steps=2,  # pylint: disable=protected-access
+      graph.train_steps, hidden=8, dropout_rate=0.3, num_layers=2, steps=2,
       adjacency_mode="factored"))(jax.random.key(0), jnp.ones((n, 5)), jnp.arange(n) > 40, None,
                                   1.2, 1e-3, 5e-4)
   assert not has_square_array(jaxpr, n)
   dense = jax.make_jaxpr(functools.partial(
-      graph._train, hidden=8, dropout_rate=0.3, num_layers=2, steps=2,  # pylint: disable=protected-access
+      graph.train_steps, hidden=8, dropout_rate=0.3, num_layers=2, steps=2,
       adjacency_mode="dense"))(jax.random.key(0), jnp.ones((n, 5)), jnp.arange(n) > 40, None,
                                1.2, 1e-3, 5e-4)
   assert has_square_array(dense, n)  # the check itself can fail
@@ -180,7 +179,7 @@ def test_choose_adjacency(caplog):
   assert graph.choose_adjacency(1000, 512, memory_bytes=10 ** 9) == "dense"
   assert graph.choose_adjacency(1000, 128, memory_bytes=10 ** 9) == "factored"
   assert not caplog.records
-  with caplog.at_level("WARNING", logger="jax_seqgcn.selection.graph"):
+  with caplog.at_level("WARNING", logger="jax_seqgcn.selection.adjacency"):
     assert graph.choose_adjacency(40_000, 30_000, memory_bytes=24 * 2 ** 30) == "factored"
   assert "dense N=40000 needs" in caplog.text
 
@@ -194,7 +193,7 @@ def test_choose_adjacency(caplog):
     (lambda x, m: (x[:, :0], m), "empty"),
 ])
 def test_bad_input_raises_before_work(bad, message, monkeypatch):
-  monkeypatch.setattr(graph, "_train_jit", lambda *a, **k: pytest.fail("work started"))
+  monkeypatch.setattr(graph, "train_steps_jit", lambda *a, **k: pytest.fail("work started"))
   x = jnp.abs(jax.random.normal(jax.random.key(0), (20, 4)))
   mask = jnp.arange(20) >= 15
   x, mask = bad(x, mask)

@@ -5,11 +5,6 @@ The multi-device cases run once in a subprocess with 8 fake CPU devices
 saves every case's sharded and single-device picks to an npz; the tests below compare them.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +13,8 @@ import pytest
 from jax_seqgcn.selection import kcenter
 from jax_seqgcn.selection import kcenter_sharded
 from tests.conftest import has_square_array
+from tests.conftest import python_env
+from tests.conftest import run_python
 
 TIMEOUT = 240  # seconds; a hang fails the test instead of blocking CI
 REFERENCE_CASES = [("features_l2", "kcenter_idx"), ("features", "kcenter_raw_idx"),
@@ -73,11 +70,8 @@ def eight_devices(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("kcenter_sharded")
   script, out = tmp / "run.py", tmp / "picks.npz"
   script.write_text(_SCRIPT % {"reference_cases": REFERENCE_CASES})
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).resolve().parents[1]),
-                                         os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, str(script), str(out)], env=env,
-                        capture_output=True, text=True, timeout=TIMEOUT, check=False)
+  env = python_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = run_python(script, out, env=env, timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return dict(np.load(out))
 

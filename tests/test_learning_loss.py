@@ -10,13 +10,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jax_seqgcn.data import datasets as data
-from jax_seqgcn.training import loss_prediction
+from jax_seqgcn import data
 from jax_seqgcn import models
 from jax_seqgcn import samplers
 from jax_seqgcn import training as train
-from jax_seqgcn.models.lossnet import LossNet
+from jax_seqgcn.models import lossnet
 from jax_seqgcn.samplers import learning_loss
+from jax_seqgcn.training import loss_prediction
 
 MODEL = models.SmallCNN()
 FIT = dict(batch_size=64, learning_rate=0.05, milestones=(20,))
@@ -101,11 +101,11 @@ def test_lossnet_shapes_params_and_torch_init():
   for channels, sizes, count in [((64, 128, 256, 512), (32, 16, 8, 4), 123_905),
                                  ((32, 32, 64, 64), (28, 14, 14, 7), 25_601)]:
     features = [jax.ShapeDtypeStruct((3, s, s, c), jnp.float32) for c, s in zip(channels, sizes)]
-    params = jax.eval_shape(LossNet().init, jax.random.key(0), features)["params"]
+    params = jax.eval_shape(lossnet.LossNet().init, jax.random.key(0), features)["params"]
     assert sum(p.size for p in jax.tree.leaves(params)) == count
-    assert jax.eval_shape(LossNet().apply, {"params": params}, features).shape == (3,)
+    assert jax.eval_shape(lossnet.LossNet().apply, {"params": params}, features).shape == (3,)
   features = [jnp.ones((3, 7, 7, 64)), jnp.ones((3, 64))]  # maps or pooled vectors
-  params = jax.jit(LossNet().init)(jax.random.key(0), features)["params"]
+  params = jax.jit(lossnet.LossNet().init)(jax.random.key(0), features)["params"]
   bound = 1 / np.sqrt(64)  # torch nn.Linear: U(+-1/sqrt(fan_in)), bias too
   for leaf in (params["stage0"]["kernel"], params["stage1"]["bias"]):
     assert bound >= np.abs(leaf).max() > 0.9 * bound

@@ -1,59 +1,26 @@
 """End-to-end tests of the active learning loop (tiny configs), resume after SIGKILL, configs."""
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from configs import test as test_config
+from jax_seqgcn import samplers
 from jax_seqgcn.experiment import cycle
 from jax_seqgcn.experiment import loop
 from jax_seqgcn.experiment import results
-from jax_seqgcn import samplers
 from jax_seqgcn.experiment import workdir as workdir_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-  """A small synthetic classification set: 10 classes of noisy class-mean images."""
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 10, 400)
-  means = rng.integers(0, 256, (10, 28, 28, 1))
-  images = np.clip(means[labels] + rng.normal(0, 40, (400, 28, 28, 1)), 0, 255).astype(np.uint8)
-  path = tmp_path_factory.mktemp("data") / "tiny.npz"
-  np.savez(path, images=images[:300], targets=labels[:300], test_images=images[300:],
-           test_targets=labels[300:])
-  return str(path)
-
-
-def tiny_config(npz_path=None, **overrides):
-  config = test_config.get_config()
-  if npz_path:
-    config.data.name, config.data.source, config.data.path = "npz", "npz", npz_path
-  config.al.trials = 1
-  config.train.epochs = 1
-  for dotted, value in overrides.items():
-    section, _, name = dotted.rpartition("__")
-    (config[section] if section else config)[name] = value
-  return config
-
-
-def labelled_sets(workdir, trial=0):
-  files = sorted((pathlib.Path(workdir) / "labelled").glob(f"trial{trial}_cycle*.npy"))
-  return [np.load(f) for f in files]
-
-
-# Small settings of the slow samplers' options (each sampler reads only its own).
-FAST_SAMPLER_OPTIONS = dict(vaal_epochs=1, vaal_batch_size=16, vaal_width=0.125,
-                            vaal_latent_dim=8)
+from tests.conftest import FAST_SAMPLER_OPTIONS
+from tests.conftest import ROOT
+from tests.conftest import labelled_sets
+from tests.conftest import main_args
+from tests.conftest import python_command
+from tests.conftest import python_env
+from tests.conftest import run_python
+from tests.conftest import tiny_config
 
 
 @pytest.mark.parametrize("sampler", list(samplers.SAMPLERS))
@@ -98,20 +65,19 @@ def test_rerun_of_a_finished_workdir_trains_nothing(tmp_path, npz_path, monkeypa
 
 
 def _main(workdir, *overrides):
-  return [sys.executable, str(ROOT / "experiments" / "main.py"),
-          f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={workdir}",
-          "--config.al.trials=1", "--config.sampler.name=UncertainGCN", *overrides]
+  return main_args(workdir, "--config.al.trials=1", "--config.sampler.name=UncertainGCN",
+                   *overrides)
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
   # Real Fashion-MNIST, real processes: kill -9 right after the first cycle's checkpoint and
   # again in the middle of the resumed run's training, then let it finish.
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env = python_env(PYTHONUNBUFFERED="1")
   workdir = tmp_path / "killed"
   for kill_after_lines in (1, 0):
-    proc = subprocess.Popen(_main(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = subprocess.Popen(python_command(*_main(workdir)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     seen = 0
     deadline = time.time() + 400
     for line in proc.stdout:
@@ -124,11 +90,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
       assert time.time() < deadline, "run did not reach the kill point"
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-  finish = subprocess.run(_main(workdir), capture_output=True, text=True, env=env, timeout=600)
+  finish = run_python(*_main(workdir), env=env, timeout=600)
   assert finish.returncode == 0, finish.stdout + finish.stderr
   assert "resuming" in finish.stdout
-  clean = subprocess.run(_main(tmp_path / "clean"), capture_output=True, text=True, env=env,
-                         timeout=600)
+  clean = run_python(*_main(tmp_path / "clean"), env=env, timeout=600)
   assert clean.returncode == 0, clean.stdout + clean.stderr
   killed = results.read_jsonl(workdir / "results.jsonl")
   uninterrupted = results.read_jsonl(tmp_path / "clean" / "results.jsonl")
@@ -163,8 +128,7 @@ def test_bad_config_fails_before_training(tmp_path, npz_path, overrides, message
 
 
 def test_main_reports_config_errors_cleanly(tmp_path):
-  out = subprocess.run(_main(tmp_path, "--config.sampler.name=Nope"), capture_output=True,
-                       text=True, timeout=120)
+  out = run_python(*_main(tmp_path, "--config.sampler.name=Nope"))
   assert out.returncode != 0
   assert "error: bad config" in out.stderr and "valid: Random" in out.stderr
   assert "Traceback" not in out.stderr
@@ -178,10 +142,8 @@ def test_upper_bound_trains_once_on_the_whole_split(tmp_path, npz_path):
 def test_plot_overlays_runs(tmp_path, npz_path):
   for sampler in ("Random", "CoreSet"):
     loop.run(tiny_config(npz_path, sampler__name=sampler, al__cycles=2), tmp_path / sampler)
-  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot.py"),
-                        str(tmp_path / "Random"), str(tmp_path / "CoreSet"),
-                        "--out", str(tmp_path / "both.png"), "--table", str(tmp_path / "t.md")],
-                       capture_output=True, text=True, timeout=120)
+  out = run_python(ROOT / "experiments" / "plot.py", tmp_path / "Random", tmp_path / "CoreSet",
+                   "--out", tmp_path / "both.png", "--table", tmp_path / "t.md")
   assert out.returncode == 0, out.stderr
   table = (tmp_path / "t.md").read_text()
   assert "Random (accuracy %)" in table and "CoreSet (accuracy %)" in table
@@ -209,8 +171,7 @@ def test_import_and_plot_leave_the_matplotlib_backend_alone(tmp_path):
           "r = [results.Record(0, 0, 10, 0.5, 1, 1, 1), results.Record(1, 0, 10, 0.6, 1, 1, 1)]; "
           f"results.plot_curves({{'X': r}}, {str(tmp_path / 'c.png')!r}); "
           "print(matplotlib.get_backend())")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=ROOT)
+  out = run_python("-c", code, cwd=ROOT)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "svg"
   assert (tmp_path / "c.png").stat().st_size > 1000
@@ -224,15 +185,13 @@ def test_plot_mixes_workdirs_and_saved_summaries(tmp_path, npz_path):
                             dict(cycle=1, n_labelled=60, mean=0.6, std=0.05, trials=3,
                                  seconds=3.0)]}}
   (tmp_path / "old.json").write_text(json.dumps(saved))
-  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot.py"),
-                        str(tmp_path / "Random"), "--summaries", f"{tmp_path / 'old.json'}:Old",
-                        "--out", str(tmp_path / "mix.png"), "--table", str(tmp_path / "t.md")],
-                       capture_output=True, text=True, timeout=120)
+  out = run_python(ROOT / "experiments" / "plot.py", tmp_path / "Random",
+                   "--summaries", f"{tmp_path / 'old.json'}:Old",
+                   "--out", tmp_path / "mix.png", "--table", tmp_path / "t.md")
   assert out.returncode == 0, out.stderr
   table = (tmp_path / "t.md").read_text()
   assert "| 0 | 40 | 50.00 ± 10.00 |" in table and "| 1 | 60 | 60.00 ± 5.00 |" in table
   assert "Old: 3, Random: 2" in table
-  bad = subprocess.run([sys.executable, str(ROOT / "experiments" / "plot.py"), "--summaries",
-                        f"{tmp_path / 'old.json'}:Nope", str(tmp_path / "Random")],
-                       capture_output=True, text=True, timeout=120)
+  bad = run_python(ROOT / "experiments" / "plot.py", "--summaries",
+                   f"{tmp_path / 'old.json'}:Nope", tmp_path / "Random")
   assert bad.returncode != 0 and "has no run 'Nope'" in bad.stderr

@@ -6,10 +6,7 @@ imported) and 2 processes on localhost joined by `jax.distributed` with gloo col
 All must end with the same parameters up to float summation order.
 """
 
-import os
-import socket
 import subprocess
-import sys
 import textwrap
 
 import jax
@@ -17,6 +14,9 @@ import numpy as np
 import pytest
 
 from jax_seqgcn.training import parallel
+from tests.conftest import free_port
+from tests.conftest import python_command
+from tests.conftest import python_env
 
 TIMEOUT = 240  # seconds per subprocess; a hang fails the test instead of blocking CI
 
@@ -30,31 +30,16 @@ WORKER = textwrap.dedent('''
       parallel.initialize_distributed(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import linen as nn
-    from jax_seqgcn.training import augment
-    from jax_seqgcn.training import parallel
     from jax_seqgcn import training as train
-
-
-    class TinyBN(nn.Module):
-      num_classes: int = 10
-
-      @nn.compact
-      def __call__(self, x, *, train):
-        h = nn.Conv(4, (3, 3))(x)
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(h)
-        h = nn.relu(h)
-        embedding = jnp.mean(h, axis=(1, 2))
-        return nn.Dense(self.num_classes)(embedding), embedding, (h, h, h, h)
-
+    from jax_seqgcn.training import parallel
+    from tests.conftest import TinyBN  # the repository root is on PYTHONPATH (python_env)
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (100, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 100).astype(np.int32)
     mesh = parallel.make_mesh()
-    spec = augment.preprocessing_for("cifar10")
+    spec = train.preprocessing_for("cifar10")
     model = TinyBN()
     results = {"devices": np.int32(jax.device_count()),
                "processes": np.int32(jax.process_count())}
@@ -93,21 +78,15 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def _env(device_count):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
 def _launch(tmp_path, mode, out_name, *args, device_count=1):
   script = tmp_path / "worker.py"
   if not script.exists():
     script.write_text(WORKER)
   out = tmp_path / out_name
-  proc = subprocess.Popen([sys.executable, str(script), mode, str(out), *map(str, args)],
-                          env=_env(device_count), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = python_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}",
+                   JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(python_command(script, mode, out, *args), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   return proc, out
 
 
@@ -151,12 +130,6 @@ def runs(tmp_path_factory):
   return {"one": _load(jobs[0][1]), "eight": _load(jobs[1][1])}
 
 
-def _free_port():
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
-
-
 def test_mesh_and_shardings():
   mesh = parallel.make_mesh()
   assert mesh.axis_names == ("data",) and parallel.num_data_shards(mesh) == jax.device_count()
@@ -188,7 +161,7 @@ def test_eight_devices_equal_one_device(runs):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process(runs, tmp_path):
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   jobs = [_launch(tmp_path, "multihost", f"proc{i}.npz", address, 2, i) for i in range(2)]
   _wait([proc for proc, _ in jobs])
   first, second = (_load(out) for _, out in jobs)

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_seqgcn import models
+from jax_seqgcn import training as train
 from jax_seqgcn.experiment import loop
 from jax_seqgcn.training import precision
-from jax_seqgcn import training as train
-from jax_seqgcn.models import resnet
-from jax_seqgcn.models import small_cnn
+from tests.conftest import tiny_config
 
 # A tiny BatchNorm ResNet (every layer type of the real learners) on an easy task: bright vs dark.
-MODEL = resnet.ResNet(num_classes=2, stage_sizes=(1, 1, 1, 1), stage_features=(8, 8, 16, 16))
+MODEL = models.ResNet(num_classes=2, stage_sizes=(1, 1, 1, 1), stage_features=(8, 8, 16, 16))
 
 
 def _data(n=256, seed=0):
@@ -76,7 +76,7 @@ def test_bfloat16_training_learns():
 
 def test_small_cnn_bfloat16_convolutions_run_in_bfloat16():
   # The learner's convolutions and matrix products see bfloat16 inputs and weights.
-  model = small_cnn.SmallCNN(num_classes=2)
+  model = models.SmallCNN(num_classes=2)
   x = jnp.zeros((2, 8, 8, 1), jnp.bfloat16)
   params = train.init_train_state(jax.random.key(0), model, (8, 8, 1)).params
   logits, embedding, stages = model.apply(
@@ -85,7 +85,6 @@ def test_small_cnn_bfloat16_convolutions_run_in_bfloat16():
 
 
 def test_loop_passes_compute_dtype_to_training_and_evaluation(tmp_path, monkeypatch):
-  from tests.test_loop import tiny_config  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, 400)
   images = rng.integers(0, 256, (400, 28, 28, 1)).astype(np.uint8)

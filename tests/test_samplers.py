@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from jax_seqgcn import samplers
+from jax_seqgcn import selection
+from jax_seqgcn.selection import graph
+from tests.conftest import FAST_SAMPLER_OPTIONS
 
 FAST_GCN = dict(steps=10, hidden=16)
 # Small settings for every sampler's options (each sampler gets those it declares).
-FAST_OPTIONS = dict(FAST_GCN)
-FAST_OPTIONS.update(vaal_epochs=1, vaal_batch_size=16, vaal_width=0.125, vaal_latent_dim=8)
+FAST_OPTIONS = dict(FAST_GCN, **FAST_SAMPLER_OPTIONS)
 
 
 def fast_options(name):
@@ -94,13 +96,11 @@ def test_uncertain_gcn_picks_closest_to_margin():
 
 
 def test_core_gcn_equals_k_center_on_trained_embedding():
-  from jax_seqgcn.selection import graph
-  from jax_seqgcn.selection import kcenter  # pylint: disable=g-import-not-at-top
   x, mask = _problem()
-  result = graph.train_gcn(jax.random.key(0), x, mask, **FAST_GCN)
+  result = selection.train_gcn(jax.random.key(0), x, mask, **FAST_GCN)
   np.testing.assert_array_equal(
       samplers.core_gcn(jax.random.key(0), x, mask, 10, **FAST_GCN),
-      kcenter.k_center_greedy(result.embedding, mask, 10))
+      selection.k_center_greedy(result.embedding, mask, 10))
   np.testing.assert_array_equal(
       samplers.uncertain_gcn(jax.random.key(0), x, mask, 10, **FAST_GCN),
       samplers.uncertain_gcn_select(result.scores, mask, 10))
@@ -175,15 +175,14 @@ def test_uncertain_gcn_select_rejects_what_would_return_labelled_nodes(case):
 
 
 def test_diverged_gcn_is_named(monkeypatch):
-  from jax_seqgcn.selection import graph  # pylint: disable=g-import-not-at-top
   x, mask = _problem(n=20, n_labelled=5)
-  real = graph._train_jit  # pylint: disable=protected-access
+  real = graph.train_steps_jit
 
   def diverged(*args, **kwargs):
     result = real(*args, **kwargs)
     return result._replace(scores=result.scores * np.nan)
 
-  monkeypatch.setattr(graph, "_train_jit", diverged)
+  monkeypatch.setattr(graph, "train_steps_jit", diverged)
   with pytest.raises(FloatingPointError, match="GCN diverged"):
     samplers.core_gcn(jax.random.key(0), x, mask, 3, **FAST_GCN)
 

@@ -8,22 +8,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jax_seqgcn.training import augment
 from jax_seqgcn import models
 from jax_seqgcn import training as train
-
-
-class TinyBN(nn.Module):
-  """Conv + BatchNorm learner with the common interface (8x8 inputs)."""
-  num_classes: int = 10
-
-  @nn.compact
-  def __call__(self, x, *, train):
-    h = nn.Conv(4, (3, 3))(x)
-    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(h)
-    h = nn.relu(h)
-    embedding = jnp.mean(h, axis=(1, 2))
-    return nn.Dense(self.num_classes)(embedding), embedding, (h, h, h, h)
+from jax_seqgcn.training import augment
+from tests.conftest import TinyBN
 
 
 class Linear(nn.Module):
@@ -81,7 +69,7 @@ def test_crop_and_flip_matches_numpy():
 def test_preprocess_cifar_is_crop_flip_then_normalise():
   images, _ = _data(16)
   key = jax.random.key(7)
-  spec = augment.preprocessing_for("cifar10")
+  spec = train.preprocessing_for("cifar10")
   got = np.asarray(jax.jit(lambda k, x: augment.apply_spec(k, x, spec, train=True))(key, images))
   offsets, flips = map(np.asarray, augment.crop_flip_params(key, 16, pad=4))
   cropped = _numpy_crop_and_flip(images, offsets, flips, 4)
@@ -95,18 +83,18 @@ def test_preprocess_cifar_is_crop_flip_then_normalise():
 
 
 def test_preprocessing_table():
-  assert augment.preprocessing_for("cifar100") == augment.preprocessing_for("cifar10")
+  assert train.preprocessing_for("cifar100") == train.preprocessing_for("cifar10")
   for name in ("svhn_cropped", "fashion_mnist", "npz"):
-    spec = augment.preprocessing_for(name)
+    spec = train.preprocessing_for(name)
     assert not spec.augment and spec.mean is None
   images = np.arange(2 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 1)
-  out = augment.preprocess(None, images, augment=False)
+  out = train.preprocess(None, images, augment=False)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, images / 255.0, rtol=1e-6)
   floats = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 2, 2, 1)
-  np.testing.assert_allclose(augment.preprocess(None, floats, augment=False), floats)
+  np.testing.assert_allclose(train.preprocess(None, floats, augment=False), floats)
   with pytest.raises(ValueError, match="Unknown dataset"):
-    augment.preprocessing_for("imagenet")
+    train.preprocessing_for("imagenet")
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -279,7 +267,7 @@ def test_evaluate_regression_mean_joint_error():
 
 def test_extract_embeddings_equals_apply_and_compiles_once():
   images, labels = _data(64)
-  spec = augment.preprocessing_for("cifar10")
+  spec = train.preprocessing_for("cifar10")
   state = train.fit(jax.random.key(0), TinyBN(), images, labels, epochs=1, batch_size=16,
                     preprocessing=spec)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -340,7 +328,7 @@ def test_small_cnn_learns():
 def test_resnet18_embeddings_match_apply():
   model = models.get_learner("resnet18", num_classes=10, channels=3)
   images, labels = _data(16)
-  spec = augment.preprocessing_for("cifar10")
+  spec = train.preprocessing_for("cifar10")
   state = train.fit(jax.random.key(0), model, images, labels, epochs=1, batch_size=16,
                     preprocessing=spec)
   assert jax.tree.leaves(state.batch_stats)

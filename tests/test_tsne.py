@@ -5,20 +5,19 @@ import copy
 import json
 import pathlib
 import struct
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from jax_seqgcn.apps import tsne
 from jax_seqgcn.experiment import cycle as cycle_lib
 from jax_seqgcn.experiment import embeddings
 from jax_seqgcn.experiment import loop
-from jax_seqgcn.apps import tsne
 from jax_seqgcn.experiment import workdir as workdir_lib
-from tests.test_loop import ROOT
-from tests.test_loop import npz_path  # pylint: disable=unused-import  (fixture)
-from tests.test_loop import tiny_config
+from tests.conftest import ROOT
+from tests.conftest import run_python
+from tests.conftest import tiny_config
 
 CYCLES = 3
 
@@ -228,8 +227,7 @@ def test_missing_scikit_learn_says_what_to_install(runs, tmp_path, capsys, monke
 
 
 def test_standalone_script_reports_errors_without_traceback(tmp_path):
-  out = subprocess.run([sys.executable, str(ROOT / "experiments" / "tsne.py"), str(tmp_path / "x"),
-                        "--cycles", "1", "--out", str(tmp_path / "f.png")],
-                       capture_output=True, text=True, timeout=120, check=False)
+  out = run_python(ROOT / "experiments" / "tsne.py", tmp_path / "x", "--cycles", 1,
+                   "--out", tmp_path / "f.png")
   assert out.returncode == 2
   assert out.stderr == f"error: no such workdir: {tmp_path / 'x'}\n"

@@ -42,8 +42,8 @@ def _numpy_scores(p):
 def test_scores_match_numpy_including_exact_zeros():
   p = _probabilities_with_zeros()
   expected = _numpy_scores(p)
-  got = {"Entropy": uncertainty.entropy_scores(p), "Margin": uncertainty.margin_scores(p),
-         "LeastConfidence": uncertainty.confidence_scores(p)}
+  got = {"Entropy": samplers.entropy_scores(p), "Margin": samplers.margin_scores(p),
+         "LeastConfidence": samplers.confidence_scores(p)}
   got = {name: np.asarray(scores) for name, scores in got.items()}
   for name, scores in got.items():
     assert np.isfinite(scores).all(), name
@@ -67,9 +67,9 @@ def _classification_problem(n=60, n_labelled=15, num_classes=5, dim=6, seed=0):
 
 
 @pytest.mark.parametrize("name, plain, sign", [
-    ("Entropy", uncertainty.entropy, -1.0),  # sort key: ascending = picked first
-    ("Margin", uncertainty.margin, 1.0),
-    ("LeastConfidence", uncertainty.least_confidence, 1.0),
+    ("Entropy", samplers.entropy, -1.0),  # sort key: ascending = picked first
+    ("Margin", samplers.margin, 1.0),
+    ("LeastConfidence", samplers.least_confidence, 1.0),
 ])
 def test_picks_are_the_top_unlabelled_by_score(name, plain, sign):
   _, p, mask = _classification_problem()
@@ -90,7 +90,7 @@ def test_uncertainty_samplers_trace_once_per_shape():
   before = uncertainty._select._cache_size()  # pylint: disable=protected-access
   for seed in range(3):
     _, p, mask = _classification_problem(seed=seed, n_labelled=10 + seed)
-    for plain in (uncertainty.entropy, uncertainty.margin, uncertainty.least_confidence):
+    for plain in (samplers.entropy, samplers.margin, samplers.least_confidence):
       plain(jax.random.key(seed), p, mask, 8)
   assert uncertainty._select._cache_size() - before <= 3  # pylint: disable=protected-access
 
@@ -109,8 +109,8 @@ def test_regression_input_fails_clearly(name):
   with pytest.raises(ValueError, match="softmax outputs, not logits"):
     sampler(jax.random.key(0), samplers.Pool(mask, features=features,
                                              probabilities=np.full((20, 6), 3.0)), 3)
-  plain = {"Entropy": uncertainty.entropy, "Margin": uncertainty.margin,
-           "LeastConfidence": uncertainty.least_confidence,
+  plain = {"Entropy": samplers.entropy, "Margin": samplers.margin,
+           "LeastConfidence": samplers.least_confidence,
            "BADGE": lambda k, p, m, b: badge.badge(k, features, p, m, b)}[name]
   with pytest.raises(ValueError, match="regression learners have none"):
     plain(jax.random.key(0), None, mask, 3)
@@ -157,7 +157,7 @@ def test_factored_distances_equal_materialised_ones():
 
 def test_badge_never_forms_the_embeddings_or_an_n_by_n_array():
   n, num_classes, dim = 40, 3, 7
-  jaxpr = jax.make_jaxpr(lambda k, x, p, m: badge._seed(k, x, p, m, budget=4))(  # pylint: disable=protected-access
+  jaxpr = jax.make_jaxpr(lambda k, x, p, m: badge.kmeans_pp_seeding(k, x, p, m, budget=4))(
       jax.random.key(0), jnp.ones((n, dim)), jnp.full((n, num_classes), 1 / 3), jnp.arange(n) > 30)
   assert not any(num_classes * dim in shape for shape in shapes_in_jaxpr(jaxpr))
   assert not has_square_array(jaxpr, n)
@@ -198,7 +198,7 @@ def test_second_pick_is_d_squared_distributed():
   exact = distance**2 / np.sum(distance**2)
   num_keys = 20_000
   keys = jax.random.split(jax.random.key(0), num_keys)
-  picks = np.asarray(jax.jit(jax.vmap(lambda k: badge._seed(  # pylint: disable=protected-access
+  picks = np.asarray(jax.jit(jax.vmap(lambda k: badge.kmeans_pp_seeding(
       k, features, p, mask, budget=2)))(keys))
   assert (picks[:, 0] == first).all()
   counts = np.array([np.sum(picks[:, 1] == c) for c in candidates])
@@ -220,7 +220,7 @@ def test_draw_never_returns_a_zero_weight_index(monkeypatch, uniform, expected):
   # u = 1 stands for u * total rounding up to the total.
   monkeypatch.setattr(jax.random, "uniform", lambda key, dtype: jnp.asarray(uniform, dtype))
   weights = jnp.array([0.0, 0.0, 1.0, 0.0, 3.0, 0.0])
-  assert badge._draw(jax.random.key(0), weights) == expected  # pylint: disable=protected-access
+  assert badge.draw_proportional(jax.random.key(0), weights) == expected
 
 
 def test_badge_picks_distinct_unlabelled_nodes_even_with_duplicates():
@@ -249,9 +249,9 @@ def test_badge_deterministic_per_key_and_registry_agrees():
 
 
 def test_badge_traces_once_per_shape(monkeypatch):
-  counted = jax.jit(chex.assert_max_traces(badge._seed, n=1),  # pylint: disable=protected-access
+  counted = jax.jit(chex.assert_max_traces(badge.kmeans_pp_seeding, n=1),
                     static_argnames="budget")
-  monkeypatch.setattr(badge, "_seed_jit", counted)
+  monkeypatch.setattr(badge, "kmeans_pp_seeding_jit", counted)
   for seed in range(3):
     features, p, mask = _classification_problem(n=30, n_labelled=5 + seed, seed=seed)
     badge.badge(jax.random.key(seed), features, p, mask, 6)

@@ -3,26 +3,23 @@
 import json
 import math
 import os
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from jax_seqgcn import samplers
+from jax_seqgcn import training as train
 from jax_seqgcn.data import datasets as data_lib
 from jax_seqgcn.experiment import cycle
 from jax_seqgcn.experiment import loop
 from jax_seqgcn.experiment import results
-from jax_seqgcn import samplers
-from jax_seqgcn import training as train
 from jax_seqgcn.experiment import workdir as workdir_lib
-from tests.test_loop import FAST_SAMPLER_OPTIONS
-from tests.test_loop import ROOT
-from tests.test_loop import labelled_sets
-from tests.test_loop import npz_path  # pylint: disable=unused-import  (fixture)
-from tests.test_loop import tiny_config
+from tests.conftest import FAST_SAMPLER_OPTIONS
+from tests.conftest import labelled_sets
+from tests.conftest import main_args
+from tests.conftest import run_python
+from tests.conftest import tiny_config
 
 
 def _no_training(monkeypatch):
@@ -34,11 +31,9 @@ def _no_data(monkeypatch):
 
 
 def _main(workdir, npz, *overrides):
-  return [sys.executable, str(ROOT / "experiments" / "main.py"),
-          f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={workdir}",
-          "--config.data.name=npz", "--config.data.source=npz", f"--config.data.path={npz}",
-          "--config.al.trials=1", "--config.train.epochs=1", "--config.sampler.name=Random",
-          *overrides]
+  return main_args(workdir, "--config.data.name=npz", "--config.data.source=npz",
+                   f"--config.data.path={npz}", "--config.al.trials=1", "--config.train.epochs=1",
+                   "--config.sampler.name=Random", *overrides)
 
 
 def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path, npz_path,
@@ -50,7 +45,7 @@ def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_holder(tmp_pa
     with pytest.raises(workdir_lib.WorkdirError, match=f"in use by another run.*pid {os.getpid()}"):
       loop.run(tiny_config(npz_path), tmp_path)
     # A real second process too: one line, non-zero exit, no traceback, nothing written.
-    out = subprocess.run(_main(tmp_path, npz_path), capture_output=True, text=True, timeout=300)
+    out = run_python(*_main(tmp_path, npz_path), timeout=300)
     assert out.returncode != 0
     assert "error:" in out.stderr and "in use by another run" in out.stderr
     assert "Traceback" not in out.stderr
@@ -172,14 +167,13 @@ def test_workdir_tilde_is_expanded(tmp_path, npz_path, monkeypatch):
 
 def test_main_reports_data_errors_in_one_line(tmp_path):
   missing = tmp_path / "nope.npz"
-  out = subprocess.run(_main(tmp_path / "w", missing), capture_output=True, text=True,
-                       timeout=300)
+  out = run_python(*_main(tmp_path / "w", missing), timeout=300)
   assert out.returncode != 0
   assert "Traceback" not in out.stderr
   assert out.stderr.strip().startswith("error:") and str(missing) in out.stderr
   bad = tmp_path / "bad.npz"
   bad.write_text("not a zip")
-  out = subprocess.run(_main(tmp_path / "w2", bad), capture_output=True, text=True, timeout=300)
+  out = run_python(*_main(tmp_path / "w2", bad), timeout=300)
   assert out.returncode != 0 and "Traceback" not in out.stderr and str(bad) in out.stderr
   shutil.rmtree(tmp_path / "w", ignore_errors=True)
 

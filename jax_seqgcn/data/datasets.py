@@ -38,9 +38,10 @@ _ORIGINAL_ARCHIVES = {
     "svhn_cropped": "train_32x32.mat, test_32x32.mat and extra_32x32.mat",
     "fashion_mnist": "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz",
 }
-# Batch size for reading tfds splits. `batch_size=-1` would be simpler, but under
-# `tfds.testing.mock_data` it aborts the whole process (std::length_error).
-_TFDS_READ_BATCH = 4096
+# Examples per batch when `load_tfds` reads a split (read at call time, so tests may lower it to
+# cover several batches). `batch_size=-1` would be simpler, but under `tfds.testing.mock_data` it
+# aborts the whole process (std::length_error).
+TFDS_READ_BATCH = 4096
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 _NPY_MAGIC = b"\x93NUMPY"
@@ -121,7 +122,7 @@ def _tfds_missing_message(name, data_dir):
 
 def _read_tfds_split(builder, split, tfds):
   """Reads a whole split as ([n, h, w, c] uint8, [n] int32) by explicit batches."""
-  ds = builder.as_dataset(split=split, as_supervised=True, batch_size=_TFDS_READ_BATCH,
+  ds = builder.as_dataset(split=split, as_supervised=True, batch_size=TFDS_READ_BATCH,
                           shuffle_files=False)
   images, labels = [], []
   for image_batch, label_batch in tfds.as_numpy(ds):

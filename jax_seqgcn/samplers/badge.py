@@ -41,6 +41,9 @@ import jax.numpy as jnp
 from jax_seqgcn.samplers import base
 from jax_seqgcn.samplers import uncertainty
 
+# Full float32 products on every backend (TPU: not bfloat16 passes); see selection/__init__.py.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 class GradientFactors(NamedTuple):
   """The factors of the gradient embeddings g_i = residual_i (outer) features_i.
@@ -99,13 +102,13 @@ def sq_distances_to(factors: GradientFactors, centre: jax.Array) -> jax.Array:
   Returns:
     [N] float, >= 0 (rounding below 0 is clamped); about 0, not exactly, at `centre`.
   """
-  residual_dot = factors.residual @ factors.residual[centre]
-  feature_dot = factors.features @ factors.features[centre]
+  residual_dot = jnp.matmul(factors.residual, factors.residual[centre], precision=HIGHEST)
+  feature_dot = jnp.matmul(factors.features, factors.features[centre], precision=HIGHEST)
   sq_dist = factors.sq_norms + factors.sq_norms[centre] - 2.0 * residual_dot * feature_dot
   return jnp.maximum(sq_dist, 0.0)
 
 
-def _draw(key, weights):
+def draw_proportional(key, weights):
   """One index drawn with probability proportional to `weights` [N] (>= 0, positive sum).
 
   Inverse CDF: one uniform and one cumulative sum per pick (Gumbel-max would need N random
@@ -113,6 +116,12 @@ def _draw(key, weights):
   its index is never the first one above the target. float32 limits each index's probability to
   about 2e-7 of the total mass (the uniform's grid plus one rounding of the sum): a relative
   error of about 0.2% for a node holding 1e-4 of the mass.
+
+  Args:
+    key: PRNG key.
+    weights: [N] float weights.
+  Returns:
+    int32 scalar index; never one of weight 0.
   """
   cdf = jnp.cumsum(weights)
   target = jax.random.uniform(key, dtype=cdf.dtype) * cdf[-1]
@@ -121,8 +130,21 @@ def _draw(key, weights):
   return jnp.where(pick < cdf.shape[0], pick, jnp.argmax(cdf)).astype(jnp.int32)
 
 
-def _seed(key, features, probabilities, labelled_mask, *, budget):
-  """k-means++ seeding of `budget` unlabelled nodes; [budget] int32 in pick order."""
+def kmeans_pp_seeding(key, features, probabilities, labelled_mask, *, budget):
+  """k-means++ seeding of `budget` unlabelled nodes on the gradient embeddings (module docstring).
+
+  The program `badge` compiles (through `kmeans_pp_seeding_jit`), unchecked and traceable, e.g.
+  for `jax.make_jaxpr` or `jax.vmap` over keys; `badge` validates its inputs first.
+
+  Args:
+    key: PRNG key for the D^2 draws.
+    features: [N, D] penultimate-layer features.
+    probabilities: [N, C] softmax outputs.
+    labelled_mask: [N] bool.
+    budget: number of picks (static), at most the number of unlabelled nodes.
+  Returns:
+    [budget] int32 node indices in pick order.
+  """
   factors = gradient_factors(features, probabilities)
   available = ~jnp.asarray(labelled_mask, bool)
   first = jnp.argmax(jnp.where(available, factors.sq_norms, -jnp.inf)).astype(jnp.int32)
@@ -135,7 +157,7 @@ def _seed(key, features, probabilities, labelled_mask, *, budget):
     # Every remaining candidate sits on a centre (e.g. one-hot probabilities make g = 0):
     # D^2 sampling is undefined, so draw uniformly among them.
     weights = jnp.where(jnp.sum(weights) > 0.0, weights, state.available.astype(weights.dtype))
-    pick = _draw(jax.random.fold_in(key, t), weights)
+    pick = draw_proportional(jax.random.fold_in(key, t), weights)
     return BadgeState(sq_dist, state.available.at[pick].set(False), state.picks.at[t].set(pick))
 
   state = BadgeState(
@@ -145,7 +167,9 @@ def _seed(key, features, probabilities, labelled_mask, *, budget):
   return jax.lax.fori_loop(1, budget, body, state).picks
 
 
-_seed_jit = jax.jit(_seed, static_argnames="budget")
+# `kmeans_pp_seeding` compiled once per shape and budget. `badge` and the registry entry call it
+# through this module attribute, so it can be replaced (e.g. by a wrapper that counts traces).
+kmeans_pp_seeding_jit = jax.jit(kmeans_pp_seeding, static_argnames="budget")
 
 
 def badge(key: jax.Array, features: jax.Array, probabilities: jax.Array,
@@ -174,5 +198,5 @@ def badge(key: jax.Array, features: jax.Array, probabilities: jax.Array,
                description="k-means++ seeding on last-layer gradient embeddings (Ash et al. 2020)")
 def _badge(key, pool: base.Pool, budget: int) -> jax.Array:
   uncertainty.check_probabilities(pool.probabilities, "BADGE")
-  return _seed_jit(key, jnp.asarray(pool.features), jnp.asarray(pool.probabilities),
-                   jnp.asarray(pool.labelled_mask), budget=int(budget))
+  return kmeans_pp_seeding_jit(key, jnp.asarray(pool.features), jnp.asarray(pool.probabilities),
+                               jnp.asarray(pool.labelled_mask), budget=int(budget))

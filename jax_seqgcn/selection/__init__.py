@@ -1,12 +1,21 @@
 """Selection algorithms, pure and jitted: the graph and its GCN, k-center, k-medoids.
 
-* `graph`: the reference's adjacency (dense, or factored in linear memory), `propagate`, the
-  `GCN` and its loss, `train_gcn`.
+* `adjacency`: the reference's adjacency (dense, or factored in linear memory), `propagate`,
+  and the "auto" choice between them.
+* `graph`: the `GCN` and its loss, `train_gcn`.
 * `kcenter`: k-center greedy in exact float32 distances; `kcenter_sharded` over a device mesh.
 * `kmedoids`: k-medoids (BUILD + SWAP) in blocks, for FeatProp.
 
 Nothing here knows about learners, configs or files; the samplers (`jax_seqgcn.samplers`) call
 these on a `Pool`.
+
+Precision: selection math runs at HIGHEST precision on every backend. Every matrix product here
+and in the samplers' own selection code (BADGE) passes `precision=jax.lax.Precision.HIGHEST`
+(`nn.Dense(precision=...)` in `graph.MLPDiscriminator`), so it holds whatever
+`jax.default_matmul_precision` the caller sets and matches the CPU picks on TPU (whose float32
+default is bfloat16 passes) and Ampere+ GPUs (TF32). The GCN's training is selection math too.
+Learner training (`jax_seqgcn.training`, `jax_seqgcn.models`, VAAL's networks) uses the backend
+default and `train.compute_dtype`. tests/test_selection_precision.py checks the lowered programs.
 """
 
 from jax_seqgcn.selection.graph import FactoredAdjacency

@@ -1,20 +1,16 @@
-"""Similarity graph and graph convolutional network of the sequential GCN sampler.
+"""Graph convolutional network of the sequential GCN sampler, its loss and its training.
 
-Implements protocol §3 (paper Eqs. 4-6, reference `aff_to_adj`, `GCN`, `BCEAdjLoss`):
+Implements protocol §3 (paper Eqs. 4-6, reference `GCN`, `BCEAdjLoss`) on the graph of
+`selection.adjacency` (`normalized_adjacency`, `factored_adjacency`, `propagate`, re-exported
+here):
 
-* `normalized_adjacency`: A = (S - I) D^-1 + I with S = V V^T over L2-normalised rows V and
-  D = diag of the column sums of S - I (columns normalised, exactly as the reference; the paper
-  writes D^-1 (S - I)). Computed with a broadcast divide: O(N^2 m), never O(N^3).
-* `factored_adjacency` / `propagate`: the same operator applied without forming it,
-  A X = V (V^T (X / d)) - X / d + X, in O(N m k) time and O(N (m + k)) memory.
 * `GCN`: graph convolutions `A (X W) + b` (layer names `gc1`, `gc2`, `gc3` as in the reference),
   returning sigmoid scores and the CoreGCN embedding concat(hidden, logit).
 * `gcn_loss`: Eq. 6. `train_gcn`: all Adam steps compiled once in a `lax.scan`.
 """
 
 import logging
-import os
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import chex
 import flax.linen as nn
@@ -24,171 +20,32 @@ import numpy as np
 import optax
 
 from jax_seqgcn import checks
+# The graph (and its names, re-exported: `graph.propagate` etc. are public API).
+from jax_seqgcn.selection.adjacency import ADJACENCY_MODES
+from jax_seqgcn.selection.adjacency import HIGHEST
+from jax_seqgcn.selection.adjacency import Adjacency
+from jax_seqgcn.selection.adjacency import FactoredAdjacency
+from jax_seqgcn.selection.adjacency import IdentityAdjacency
+from jax_seqgcn.selection.adjacency import OnesAdjacency
+from jax_seqgcn.selection.adjacency import agreed_memory_bytes
+from jax_seqgcn.selection.adjacency import available_memory_bytes
+from jax_seqgcn.selection.adjacency import build_adjacency
+from jax_seqgcn.selection.adjacency import column_sums
+from jax_seqgcn.selection.adjacency import choose_adjacency
+from jax_seqgcn.selection.adjacency import factored_adjacency
+from jax_seqgcn.selection.adjacency import l2_normalize
+from jax_seqgcn.selection.adjacency import normalized_adjacency
+from jax_seqgcn.selection.adjacency import propagate
 
 Params = Any
 _LOG = logging.getLogger(__name__)
 
 
-class FactoredAdjacency(NamedTuple):
-  """The normalised adjacency of protocol §3 kept in factored form (no N x N array).
-
-  Attributes:
-    unit_features: [num_nodes, dim] L2-normalised node features V.
-    column_sums: [num_nodes] d = column sums of V V^T - I.
-  """
-  unit_features: jax.Array
-  column_sums: jax.Array
-
-
-class IdentityAdjacency(NamedTuple):
-  """A = I: each node sees only itself, so the GCN is an MLP (the paper's "Eye" ablation)."""
-
-
-class OnesAdjacency(NamedTuple):
-  """The similarity S replaced by all ones, through the same normalisation (the "Ones" ablation).
-
-  A = (1 1^T - I) / (N - 1) + I: every node adds the mean of all other nodes to itself.
-  Applied matrix-free: A x = (sum(x) - x) / (N - 1) + x.
-  """
-
-
-Adjacency = Union[jax.Array, FactoredAdjacency, IdentityAdjacency, OnesAdjacency]
-# "identity" and "ones" are ablations: they ignore the features' similarity.
-ADJACENCY_MODES = ("auto", "dense", "factored", "identity", "ones")
 ARCHITECTURES = ("gcn", "mlp")
 # The sampler GCN's options and their defaults (the reference's, see `train_gcn`); the GCN
 # samplers, their registry entries and configs/default.py all read them from here.
 GCN_DEFAULTS = dict(hidden=128, dropout_rate=0.3, num_layers=2, lambda_=1.2, steps=200,
                     learning_rate=1e-3, weight_decay=5e-4, adjacency="auto")
-# Dense training holds about this many N x N arrays at once (similarity, adjacency, temporaries).
-_DENSE_COPIES = 3
-
-
-def available_memory_bytes(device: Optional[jax.Device] = None) -> int:
-  """Memory the dense adjacency may use: the accelerator's limit, or the host's free RAM."""
-  device = device or jax.devices()[0]
-  stats = device.memory_stats() if device.platform != "cpu" else None
-  if stats and "bytes_limit" in stats:
-    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def choose_adjacency(num_nodes: int, dim: int, dtype=jnp.float32, *,
-                     memory_bytes: Optional[int] = None) -> str:
-  """The adjacency mode "auto" resolves to: the cheaper one that fits.
-
-  Both modes apply the same operator. Per training step the dense form streams the N x N
-  matrix twice (forward and backward of the second layer: ~2 N^2 values) while the factored
-  form streams V four times (~4 N dim); the one-off A V costs N^2 dim against 2 N dim^2. So
-  factored is chosen when 2 dim < N, and always when ~3 dense N x N arrays would not fit in half
-  the available memory (logged, since that is the reference's failure mode on large pools).
-
-  Args:
-    num_nodes: N.
-    dim: feature dimension.
-    dtype: feature dtype.
-    memory_bytes: override of `available_memory_bytes()`.
-  Returns:
-    "dense" or "factored".
-  """
-  memory_bytes = available_memory_bytes() if memory_bytes is None else memory_bytes
-  needed = _DENSE_COPIES * num_nodes ** 2 * jnp.dtype(dtype).itemsize
-  if needed > memory_bytes // 2:
-    _LOG.warning("adjacency: dense N=%d needs ~%.1f GB of %.1f GB available; using the factored "
-                 "(matrix-free) form", num_nodes, needed / 1e9, memory_bytes / 1e9)
-    return "factored"
-  return "factored" if 2 * dim < num_nodes else "dense"
-
-
-def l2_normalize(features: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Rows divided by their L2 norm (torch `F.normalize`: x / max(|x|, eps)).
-
-  Args:
-    features: [num_nodes, dim] float array.
-    eps: lower bound on the norm.
-  Returns:
-    [num_nodes, dim] array of the same dtype.
-  """
-  norm = jnp.linalg.norm(features, axis=-1, keepdims=True)
-  return features / jnp.maximum(norm, eps)
-
-
-def _column_sums(unit_features: jax.Array) -> jax.Array:
-  # Column sums of V V^T - I without the N x N matrix: V (V^T 1) - 1.
-  return unit_features @ jnp.sum(unit_features, axis=0) - 1.0
-
-
-@jax.jit
-def _dense_adjacency(unit_features):
-  similarity = unit_features @ unit_features.T
-  eye = jnp.eye(similarity.shape[0], dtype=similarity.dtype)
-  off_diagonal = similarity - eye
-  # Broadcast divide of column j by its sum: the reference's (S - I) D^-1 without the O(N^3) product.
-  return off_diagonal / jnp.sum(off_diagonal, axis=0)[None, :] + eye
-
-
-def normalized_adjacency(features: jax.Array) -> jax.Array:
-  """Dense normalised similarity graph of protocol §3 (reference `aff_to_adj`).
-
-  Rows of `features` are L2-normalised to V; S = V V^T - I; each column j is divided by its sum
-  d_j; then I is added back, so every column of A sums to 2.
-
-  Args:
-    features: [num_nodes, dim] float node features (learner embeddings).
-  Returns:
-    [num_nodes, num_nodes] adjacency A of the features' dtype.
-  Raises:
-    ValueError: non-finite features, fewer than 2 nodes, or rows that make a column sum ~0.
-  """
-  unit = l2_normalize(checks.features(features))
-  checks.column_sums(_column_sums(unit))
-  return _dense_adjacency(unit)
-
-
-def factored_adjacency(features: jax.Array) -> FactoredAdjacency:
-  """The operator of `normalized_adjacency` in factored form: O(N dim) memory.
-
-  Args:
-    features: [num_nodes, dim] float node features.
-  Returns:
-    `FactoredAdjacency` with `propagate(adj, x)` equal to `normalized_adjacency(features) @ x`.
-  Raises:
-    ValueError: as `normalized_adjacency`.
-  """
-  unit = l2_normalize(checks.features(features))
-  sums = _column_sums(unit)
-  checks.column_sums(sums)
-  return FactoredAdjacency(unit, sums)
-
-
-def propagate(adjacency: Adjacency, x: jax.Array) -> jax.Array:
-  """Applies the normalised adjacency to node signals: A @ x.
-
-  Args:
-    adjacency: dense [N, N] array, or a `FactoredAdjacency`.
-    x: [N, k] node signals.
-  Returns:
-    [N, k] array A @ x. The factored form computes V (V^T (x / d)) - x / d + x.
-  """
-  if isinstance(adjacency, IdentityAdjacency):
-    return x
-  if isinstance(adjacency, OnesAdjacency):
-    return (jnp.sum(x, axis=0, keepdims=True) - x) / (x.shape[0] - 1) + x
-  if isinstance(adjacency, FactoredAdjacency):
-    scaled = x / adjacency.column_sums[:, None]
-    unit = adjacency.unit_features
-    return unit @ (unit.T @ scaled) - scaled + x
-  return adjacency @ x
-
-
-def _build_adjacency(unit_features: jax.Array, mode: str) -> Adjacency:
-  if mode == "identity":
-    return IdentityAdjacency()
-  if mode == "ones":
-    return OnesAdjacency()
-  if mode == "dense":
-    return _dense_adjacency(unit_features)
-  return FactoredAdjacency(unit_features, _column_sums(unit_features))
 
 
 def _uniform_fan_out(key, shape, dtype):
@@ -215,8 +72,8 @@ class GraphConv(nn.Module):
     bias = self.param("bias", _uniform_fan_out, (self.features,), self.param_dtype)
     if propagated_input is not None:
       # (A X) W == A (X W): reuse A X when X is fixed across training steps.
-      return propagated_input @ kernel + bias
-    return propagate(adjacency, x @ kernel) + bias
+      return jnp.matmul(propagated_input, kernel, precision=HIGHEST) + bias
+    return propagate(adjacency, jnp.matmul(x, kernel, precision=HIGHEST)) + bias
 
 
 class GCN(nn.Module):
@@ -305,7 +162,7 @@ class MLPDiscriminator(nn.Module):
           key, shape, dtype, -1.0 / np.sqrt(fan_in), 1.0 / np.sqrt(fan_in))
       width = 1 if name == "gc3" else self.hidden
       out = nn.Dense(width, kernel_init=_uniform_fan_in, bias_init=bias_init,
-                     param_dtype=self.param_dtype, name=name)(h)
+                     param_dtype=self.param_dtype, precision=HIGHEST, name=name)(h)
       if name == "gc3":
         return nn.sigmoid(out[:, 0]), jnp.concatenate([h, out], axis=-1)
       h = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(out))
@@ -362,13 +219,32 @@ def adam_coupled(learning_rate, weight_decay) -> optax.GradientTransformation:
                      optax.scale(-learning_rate))
 
 
-def _train(key, unit_features, labelled_mask, params, lambda_, learning_rate, weight_decay, *,
-           hidden, dropout_rate, num_layers, steps, adjacency_mode, architecture="gcn"):
+def train_steps(key, unit_features, labelled_mask, params, lambda_, learning_rate, weight_decay,
+                *, hidden, dropout_rate, num_layers, steps, adjacency_mode,
+                architecture="gcn") -> GCNResult:
+  """The program `train_gcn` compiles: initialisation, `steps` Adam steps in one `lax.scan`, and
+  the eval-mode pass after them. Traceable and unchecked, for inspection (`jax.make_jaxpr`).
+
+  `train_gcn` checks the inputs and options, L2-normalises the features and resolves "auto",
+  then calls `train_steps_jit`.
+
+  Args:
+    key: PRNG key for initialisation and dropout.
+    unit_features: [N, dim] L2-normalised node features.
+    labelled_mask: [N] bool.
+    params: initial parameters, or None to initialise from `key`.
+    lambda_, learning_rate, weight_decay: scalars, traced.
+    hidden, dropout_rate, num_layers, steps, architecture: as `train_gcn`; static
+      (`TRAIN_STATIC_ARGNAMES`).
+    adjacency_mode: "dense", "factored", "identity" or "ones" (not "auto"); static.
+  Returns:
+    `GCNResult`.
+  """
   if architecture == "mlp":
     adjacency, av = IdentityAdjacency(), None
     model = MLPDiscriminator(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
   else:
-    adjacency = _build_adjacency(unit_features, adjacency_mode)
+    adjacency = build_adjacency(unit_features, adjacency_mode)
     model = GCN(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
     # A and V are fixed over all steps, so the first layer's A V is computed once.
     av = propagate(adjacency, unit_features) if num_layers > 1 else None
@@ -396,8 +272,11 @@ def _train(key, unit_features, labelled_mask, params, lambda_, learning_rate, we
   return GCNResult(params, scores, embedding, losses)
 
 
-_train_jit = jax.jit(_train, static_argnames=("hidden", "dropout_rate", "num_layers", "steps",
-                                               "adjacency_mode", "architecture"))
+TRAIN_STATIC_ARGNAMES = ("hidden", "dropout_rate", "num_layers", "steps", "adjacency_mode",
+                         "architecture")
+# `train_steps` compiled once per shape and static option. `train_gcn` calls it through this
+# module attribute, so it can be replaced (e.g. by a wrapper that counts traces or calls).
+train_steps_jit = jax.jit(train_steps, static_argnames=TRAIN_STATIC_ARGNAMES)
 
 
 def check_gcn_options(*, hidden, dropout_rate, num_layers, lambda_, steps, learning_rate,
@@ -474,15 +353,15 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
   unit = l2_normalize(features)
   uses_similarity = architecture == "gcn" and adjacency in ("auto", "dense", "factored")
   if uses_similarity:
-    checks.column_sums(_column_sums(unit))
+    checks.column_sums(column_sums(unit))
   if adjacency == "auto":
     adjacency = choose_adjacency(unit.shape[0], unit.shape[1], unit.dtype)
   if params is not None:
     params = jax.tree.map(lambda p: jnp.asarray(p, unit.dtype), params)
-  result = _train_jit(key, unit, labelled_mask, params, lambda_, learning_rate, weight_decay,
-                      hidden=int(hidden), dropout_rate=float(dropout_rate),
-                      num_layers=int(num_layers), steps=int(steps), adjacency_mode=adjacency,
-                      architecture=architecture)
+  result = train_steps_jit(key, unit, labelled_mask, params, lambda_, learning_rate,
+                           weight_decay, hidden=int(hidden), dropout_rate=float(dropout_rate),
+                           num_layers=int(num_layers), steps=int(steps),
+                           adjacency_mode=adjacency, architecture=architecture)
   if not (np.isfinite(np.asarray(result.scores)).all()
           and np.isfinite(np.asarray(result.embedding)).all()):
     raise FloatingPointError(

@@ -15,6 +15,8 @@ from jax_seqgcn import checks
 
 # Initial centres are processed in blocks of this many rows: an [N, block] distance tile at a time.
 CENTRE_BLOCK = 256
+# Full float32 products on every backend (TPU: not bfloat16 passes); see selection/__init__.py.
+HIGHEST = jax.lax.Precision.HIGHEST
 # Marks nodes that are centres or already picked: never the argmax among candidates.
 _TAKEN = -1.0
 
@@ -32,7 +34,7 @@ def exact_distances(features: jax.Array, centre: jax.Array) -> jax.Array:
 
 def _nearest_two(features, sq_norms, centre_rows, centre_ids, best_d2, best_ids):
   """Merges one block of centres into each node's running two nearest (approximate d^2)."""
-  approx = (sq_norms[:, None] - 2.0 * features @ centre_rows.T
+  approx = (sq_norms[:, None] - 2.0 * jnp.matmul(features, centre_rows.T, precision=HIGHEST)
             + jnp.sum(jnp.square(centre_rows), axis=-1)[None, :])
   d2 = jnp.concatenate([best_d2, approx], axis=1)
   ids = jnp.concatenate([best_ids, jnp.broadcast_to(centre_ids, approx.shape)], axis=1)

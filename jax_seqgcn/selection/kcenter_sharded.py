@@ -48,7 +48,8 @@ def _merge_nearest_two(features, sq_norms, centre_rows, centre_ids, best):
   from the block's rows, which every device has, instead of gathering rows after the loop.
   """
   best_d2, best_ids, best_exact = best
-  approx = (sq_norms[:, None] - 2.0 * features @ centre_rows.T
+  approx = (sq_norms[:, None]
+            - 2.0 * jnp.matmul(features, centre_rows.T, precision=kcenter.HIGHEST)
             + jnp.sum(jnp.square(centre_rows), axis=-1)[None, :])
   d2 = jnp.concatenate([best_d2, approx], axis=1)
   ids = jnp.concatenate([best_ids, jnp.broadcast_to(centre_ids, approx.shape)], axis=1)

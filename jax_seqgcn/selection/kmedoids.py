@@ -57,6 +57,8 @@ DEFAULT_MAX_SWEEPS = 10
 # A swap must lower the cost by more than this fraction of it: float32 rounding of the gains
 # must not make the phase swap back and forth.
 DEFAULT_REL_TOL = 1e-6
+# Full float32 products on every backend (TPU: not bfloat16 passes); see selection/__init__.py.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class KMedoidsResult(NamedTuple):
@@ -93,7 +95,7 @@ class _SwapState(NamedTuple):
 
 def _distance_rows(features, sq_norms, rows):
   """[len(rows), N] Euclidean distances from nodes `rows` to every node, exactly 0 to itself."""
-  gram = jnp.matmul(features[rows], features.T, precision=jax.lax.Precision.HIGHEST)
+  gram = jnp.matmul(features[rows], features.T, precision=HIGHEST)
   sq = sq_norms[rows][:, None] + sq_norms[None, :] - 2.0 * gram
   dist = jnp.sqrt(jnp.maximum(sq, 0.0))
   return dist.at[jnp.arange(rows.shape[0]), rows].set(0.0)
@@ -202,7 +204,7 @@ def _k_medoids(key, features, candidate, max_sweeps, rel_tol, *, k, block,
   draws = jax.random.uniform(key, (n + k,))
   # Centring shrinks |x|^2 against |x - y|^2: less cancellation in the Gram expansion.
   weights = candidate.astype(features.dtype)
-  features = features - (weights @ features) / jnp.sum(weights)
+  features = features - jnp.matmul(weights, features, precision=HIGHEST) / jnp.sum(weights)
   sq_norms = jnp.sum(jnp.square(features), axis=-1)
   num_candidates = jnp.sum(candidate).astype(jnp.int32)
   # Candidates first, in a random order.
@@ -308,7 +310,7 @@ def medoid_cost(features: jax.Array, candidate_mask: jax.Array, medoids: jax.Arr
   Uses the same distances as `k_medoids`, so it reproduces `KMedoidsResult.cost`.
   """
   weights = candidate_mask.astype(features.dtype)
-  features = features - (weights @ features) / jnp.sum(weights)
+  features = features - jnp.matmul(weights, features, precision=HIGHEST) / jnp.sum(weights)
   sq_norms = jnp.sum(jnp.square(features), axis=-1)
   dist = _distance_rows(features, sq_norms, medoids)
   return jnp.sum(jnp.where(candidate_mask, jnp.min(dist, axis=0), 0.0))
