@@ -12,7 +12,7 @@ epoch is one XLA run that faults in 2.9 GB of fresh buffers; without huge pages 
 epoch (the earlier default of 256 examples) charged that to 2 steps instead of 8 and read 8%
 slower (28.7 against 31.1 images/s).
 Like experiments/main.py, the script first restarts itself with huge pages where that helps
-(jax_seqgcn/runtime/host_memory.py; the PyTorch process inherits them). Default runtime on
+(jax_seqgcn/runtime/host_memory.py; the PyTorch process is given them too). Default runtime on
 2 CPU cores: ~4 min, ~7 min with --torch.
 
 With --torch (needs PyTorch, which is not a dependency; skipped with a note when missing), each
@@ -124,7 +124,7 @@ def device_info() -> dict:
       "python": platform.python_version(),
       "machine": platform.machine(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "glibc_tunables": os.environ.get(host_memory.ENV_VAR, ""),
+      "glibc_tunables": host_memory.process_tunables() or "",
   }
 
 

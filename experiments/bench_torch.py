@@ -168,7 +168,11 @@ def bench_in_subprocess(name: str, batch_size: int, *, num_examples: int, epochs
              "--examples", str(num_examples), "--epochs", str(epochs)]
   if augment:
     command.append("--augment")
-  out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+  # The malloc settings of this process too (the huge pages of bench_learner's restart, which
+  # the restarted process no longer passes on by itself): PyTorch gains from them as we do.
+  from jax_seqgcn.runtime import host_memory  # pylint: disable=import-outside-toplevel
+  out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False,
+                       env=host_memory.environ_with_process_tunables())
   if out.returncode != 0:
     raise RuntimeError(f"bench_torch.py failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
   return json.loads(out.stdout)

@@ -1,11 +1,10 @@
-"""im2col convolution equals XLA's, in value and gradient, and learners agree across impls."""
+"""im2col convolution equals XLA's, in value and gradient; the per-platform kernel choice."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_seqgcn import models
 from jax_seqgcn.models import conv
 
 
@@ -25,30 +24,34 @@ def test_im2col_equals_xla_conv(k, stride, padding, size):
                                jax.grad(loss, argnum + 1)(conv.xla_conv, x, w), atol=1e-4)
 
 
-def test_auto_is_im2col_on_cpu_and_env_overrides(monkeypatch):
-  assert conv.resolve_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
-  monkeypatch.setenv(conv.ENV_VAR, "xla")
-  assert conv.resolve_impl("auto") == "xla"
-  assert conv.resolve_impl("im2col") == "im2col"
-  monkeypatch.delenv(conv.ENV_VAR)
-  with conv.impl_scope("xla"):
-    assert conv.resolve_impl("auto") == "xla"
-    assert conv.resolve_impl("im2col") == "im2col"
-  assert conv.resolve_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
+def test_conv_impl_for_each_platform():
+  # CPU: im2col in training passes (inside the epoch loop), XLA's convolution in evaluation.
+  assert conv.conv_impl("cpu", train=True) == "im2col"
+  assert conv.conv_impl("cpu", train=False) == "xla"
+  assert conv.conv_impl(None, train=True) == "im2col"  # an unbound module: CPU kernels
+  assert conv.conv_impl(None, train=False) == "xla"
+  for platform in ("gpu", "cuda", "rocm", "tpu"):  # accelerators: XLA's convolution always
+    assert conv.conv_impl(platform, train=True) == "xla"
+    assert conv.conv_impl(platform, train=False) == "xla"
+    assert conv.uses_cpu_kernels(platform) is False
+  assert conv.uses_cpu_kernels("cpu") is True and conv.uses_cpu_kernels(None) is True
+  assert conv.check_platform(None) == "cpu" and conv.check_platform("tpu") == "tpu"
+  for bad in ("", 3):
+    with pytest.raises(ValueError, match="platform must be"):
+      conv.check_platform(bad)
   with pytest.raises(ValueError, match="conv impl"):
-    conv.resolve_impl("fft")
+    conv.Conv2D(4, impl="auto").init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
 
 
-def test_resnet_outputs_do_not_depend_on_impl(monkeypatch):
-  model = models.get_learner("resnet18", num_classes=10, channels=3)
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  monkeypatch.setenv(conv.ENV_VAR, "xla")
-  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(1))
-  ref_out, ref_emb, _ = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
-  monkeypatch.setenv(conv.ENV_VAR, "im2col")
-  out, emb, _ = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
-  np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(emb, ref_emb, rtol=1e-4, atol=1e-4)
+def test_conv2d_outputs_and_gradients_do_not_depend_on_impl():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+  modules = [conv.Conv2D(5, 3, stride=2, padding=1, impl=impl) for impl in conv.IMPLS]
+  variables = modules[0].init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, modules[1].init(jax.random.key(1), x)) == jax.tree.map(
+      jnp.shape, variables)
+  results = [jax.value_and_grad(lambda v, x, m=m: jnp.sum(jnp.sin(m.apply(v, x))),
+                                argnums=(0, 1))(variables, x) for m in modules]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *results)
 
 
 @pytest.mark.parametrize("size, window, ceil_mode", [((8, 8), 2, False), ((7, 9), 2, False),
@@ -57,16 +60,41 @@ def test_resnet_outputs_do_not_depend_on_impl(monkeypatch):
 def test_max_pool_equals_flax(size, window, ceil_mode):
   import flax.linen as nn
   x = jax.random.normal(jax.random.key(0), (2,) + size + (3,))
-  padding = "SAME" if ceil_mode else "VALID"
+  padding = "SAME" if ceil_mode else "VALID"  # SAME pads only at the end for these sizes
   expected = nn.max_pool(x, (window, window), strides=(window, window), padding=padding)
   got = conv.max_pool(x, window, ceil_mode=ceil_mode)
   np.testing.assert_array_equal(got, expected)
+  # The accelerator kernel (Flax's own reduce_window) gives the same values.
+  np.testing.assert_array_equal(conv.max_pool(x, window, ceil_mode=ceil_mode, platform="gpu"),
+                                expected)
+  np.testing.assert_array_equal(conv.xla_max_pool(x, window, ceil_mode=ceil_mode), expected)
   # Without ties (random normals) the gradient is select_and_scatter's: 1 at each window's max.
   g = jax.grad(lambda x: jnp.sum(conv.max_pool(x, window, ceil_mode=ceil_mode) ** 2))(x)
   g_flax = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (window, window),
                                                   strides=(window, window),
                                                   padding=padding) ** 2))(x)
   np.testing.assert_allclose(g, g_flax, rtol=1e-6)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_ceil_mode_pads_after_the_last_window_as_torch(platform):
+  # 5 rows with window 4: torch's ceil mode pools rows 0-3 and row 4 alone (Flax's "SAME"
+  # would pad one row before and two after).
+  x = np.random.default_rng(0).normal(size=(1, 5, 6, 2)).astype(np.float32)
+  expected = np.full((1, 2, 2, 2), -np.inf, np.float32)
+  for i in range(2):
+    for j in range(2):
+      expected[0, i, j] = x[0, 4 * i:4 * i + 4, 4 * j:4 * j + 4].max(axis=(0, 1))
+  got = conv.max_pool(jnp.asarray(x), 4, ceil_mode=True, platform=platform)
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_relu_is_jax_relu_without_a_custom_rule():
+  x = jnp.array([-2.0, -0.0, 0.0, 0.5, jnp.inf, -jnp.inf, jnp.nan])
+  np.testing.assert_array_equal(conv.relu(x), jax.nn.relu(x))
+  grad = jax.vmap(jax.grad(conv.relu))(x[:6])
+  np.testing.assert_array_equal(grad, jax.vmap(jax.grad(jax.nn.relu))(x[:6]))
+  assert "custom" not in str(jax.make_jaxpr(jax.grad(conv.relu))(1.0))
 
 
 def test_max_pool_after_relu_has_select_and_scatter_gradients():

@@ -120,31 +120,53 @@ def test_bfloat16_keeps_its_dtype():
 
 
 def test_module_has_conv2d_parameters_and_rejects_auto_in_the_function():
-  x = jnp.zeros((2, 8, 8, 3))
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
   block = conv_pool.ConvReLUPool(5, name="conv1")
   params = block.init(jax.random.key(0), x)["params"]
   reference = conv.Conv2D(5, padding=1).init(jax.random.key(0), x)["params"]
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, reference)
   activation, pooled = block.apply({"params": params}, x)
   assert activation.shape == (2, 8, 8, 5) and pooled.shape == (2, 4, 4, 5)
+  # The accelerator block: the same parameters and values, from the plain ops.
+  plain = conv_pool.ConvReLUPool(5, name="conv1", platform="gpu")
+  assert jax.tree.map(jnp.shape, plain.init(jax.random.key(0), x)["params"]) == jax.tree.map(
+      jnp.shape, params)
+  for train in (False, True):
+    for got, want in zip(plain.apply({"params": params}, x, train=train), (activation, pooled)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="impl 'im2col' or 'xla'"):
     conv_pool.conv_relu_pool(x, params["kernel"], params["bias"], 2, 1, "auto")
 
 
-def test_small_cnn_trains_the_same_with_either_convolution(monkeypatch):
-  from jax_seqgcn import models
-  model = models.get_learner("small_cnn", num_classes=10, channels=1)
-  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
-  variables = model.init(jax.random.key(1), x)
+def test_accelerator_block_has_no_custom_rule_and_the_cpu_block_does():
+  x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+  params = conv_pool.ConvReLUPool(4).init(jax.random.key(0), x)["params"]
 
-  def grads():
+  def jaxpr(platform):
+    block = conv_pool.ConvReLUPool(4, platform=platform)
+    return str(jax.make_jaxpr(lambda p: block.apply({"params": p}, x, train=True))(params))
+
+  assert "custom_vjp_call" in jaxpr("cpu") and "custom_vjp_call" in jaxpr(None)
+  plain = jaxpr("gpu")
+  assert "custom_" not in plain and "reduce_window_max" in plain
+  assert "conv_general_dilated" in plain
+
+
+def test_small_cnn_trains_the_same_with_either_convolution_and_on_either_platform():
+  from jax_seqgcn import models
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  variables = models.get_learner("small_cnn", num_classes=10, channels=1).init(
+      jax.random.key(1), x)
+
+  def grads(platform, train):
+    model = models.get_learner("small_cnn", num_classes=10, channels=1, platform=platform)
+
     def loss(params):
-      logits, _, stages = model.apply({"params": params}, x)
+      logits, _, stages = model.apply({"params": params}, x, train=train)
       return jnp.sum(logits ** 2) + sum(jnp.mean(s) for s in stages)
     return jax.jit(jax.grad(loss))(variables["params"])
 
-  monkeypatch.setenv(conv.ENV_VAR, "xla")
-  expected = grads()
-  monkeypatch.setenv(conv.ENV_VAR, "im2col")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), grads(),
-               expected)
+  expected = grads("cpu", True)  # im2col convolutions, the custom VJP
+  for platform, train in (("cpu", False), ("gpu", True)):  # XLA's convolution; plain ops
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 grads(platform, train), expected)

@@ -98,8 +98,10 @@ _CASES = [
 
 @pytest.mark.parametrize("name, shape, num_classes, out_dim, emb_dim, stage_shapes", _CASES)
 @pytest.mark.parametrize("train", [False, True])
-def test_output_shapes(name, shape, num_classes, out_dim, emb_dim, stage_shapes, train):
-  module = models.get_learner(name, num_classes=num_classes, channels=shape[-1])
+@pytest.mark.parametrize("platform", [None, "gpu"])
+def test_output_shapes(name, shape, num_classes, out_dim, emb_dim, stage_shapes, train, platform):
+  module = models.get_learner(name, num_classes=num_classes, channels=shape[-1],
+                              platform=platform)
   variables = _abstract_variables(module, shape)
   outputs, embedding, stage_features = _abstract_outputs(module, variables, shape, train)
   assert outputs.shape == (shape[0], out_dim)
@@ -119,7 +121,9 @@ _BN_CASES = [
 
 
 @pytest.mark.parametrize("module, shape", _BN_CASES)
-def test_batch_stats_update_only_in_train_mode(module, shape):
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_batch_stats_update_only_in_train_mode(module, shape, platform):
+  module = module.clone(platform=platform)  # CPU kernels, or Flax's BatchNorm and XLA's ops
   x = jnp.asarray(np.random.default_rng(1).normal(1.0, 2.0, shape), jnp.float32)
   variables = _host_variables(_abstract_variables(module, shape))
   assert set(variables) == {"params", "batch_stats"}
@@ -203,6 +207,12 @@ def test_get_learner():
   assert models.get_learner("deepprior", num_classes=48, channels=1).num_joints == 16
   module = models.get_learner("small_cnn", num_classes=7, channels=1, hidden=32)
   assert isinstance(module, models.SmallCNN) and module.hidden == 32
+  assert module.platform is None  # bound by fit/inference to their mesh's platform
+  for name in models.LEARNERS:
+    learner = models.get_learner(name, num_classes=48, channels=1, platform="tpu")
+    assert learner.platform == "tpu"
+    assert models.bind_platform(learner, "cpu") is learner  # an explicit choice is kept
+    assert models.bind_platform(learner.clone(platform=None), "gpu").platform == "gpu"
   with pytest.raises(AssertionError):  # channel count is checked against the input
     _abstract_variables(module, (1, 28, 28, 3))
 
@@ -213,10 +223,11 @@ _MIN_SIZES = [("small_cnn", 1, 4), ("deepprior", 1, 32), ("resnet18", 3, 1), ("v
 
 
 @pytest.mark.parametrize("name, channels, minimum", _MIN_SIZES)
-def test_min_image_size_is_the_smallest_that_runs(name, channels, minimum):
+@pytest.mark.parametrize("platform", [None, "tpu"])
+def test_min_image_size_is_the_smallest_that_runs(name, channels, minimum, platform):
   assert models.min_image_size(name) == minimum
   module = models.get_learner(name, num_classes=48 if name == "deepprior" else 10,
-                              channels=channels)
+                              channels=channels, platform=platform)
   shape = (1, minimum, minimum + 3, channels)
   models.check_input_shape(name, shape[1:])
   outputs, embedding, _ = _abstract_outputs(module, _abstract_variables(module, shape), shape,

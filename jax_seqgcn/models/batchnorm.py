@@ -1,4 +1,4 @@
-"""BatchNorm for mixed precision, with a closed-form gradient; otherwise Flax's layer.
+"""BatchNorm for mixed precision: a closed-form-gradient layer on CPU, Flax's layer elsewhere.
 
 `flax.linen.BatchNorm` with float32 parameters returns float32 for a bfloat16 input, so every
 layer after it would run in float32 again. This layer computes the statistics, the
@@ -20,6 +20,13 @@ scale, bias; `batch_stats`: mean, var), so checkpoints are interchangeable.
 
 Under a data-parallel mesh the reductions run over the global batch (jit partitions them), as
 with Flax's BatchNorm without `axis_name`.
+
+Per platform (`jax_seqgcn.models.layers.batch_norm`): `BatchNorm`, with the closed-form
+gradient (a `custom_vjp`), is the CPU layer. On GPUs and TPUs the learners use
+`flax_batch_norm` instead: `flax.linen.BatchNorm` itself, with autodiff gradients, given
+`dtype=x.dtype` so that it too returns the input's dtype (its statistics and normalisation are
+computed in at least float32, its variables are float32). Both have the same variables, so a
+checkpoint trained on one platform loads on the other, and the same values.
 """
 
 import functools
@@ -28,6 +35,10 @@ from typing import Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+# PyTorch's BatchNorm2d defaults: momentum 0.1 (Flax's decay 0.9), eps 1e-5.
+MOMENTUM = 0.9
+EPSILON = 1e-5
 
 
 def _stats(x32: jax.Array, axes: Tuple[int, ...]):
@@ -101,8 +112,8 @@ class BatchNorm(nn.Module):
     epsilon: added to the variance.
   """
   use_running_average: bool = False
-  momentum: float = 0.9
-  epsilon: float = 1e-5
+  momentum: float = MOMENTUM
+  epsilon: float = EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -121,3 +132,17 @@ class BatchNorm(nn.Module):
       ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
     return y
+
+
+def flax_batch_norm(x: jax.Array, *, use_running_average: bool, momentum: float = MOMENTUM,
+                    epsilon: float = EPSILON, name: str | None = None) -> jax.Array:
+  """`flax.linen.BatchNorm` on x [..., C], returning x's dtype (call inside a compact method).
+
+  The GPU/TPU counterpart of `BatchNorm`: the layer is created here, as a child of the
+  calling module named `name` (Flax's automatic name "BatchNorm_<n>" when None, as
+  `BatchNorm`'s), with `dtype=x.dtype`: Flax computes the statistics and the normalisation in
+  at least float32 and casts the result to that dtype, which keeps a bfloat16 network in
+  bfloat16. Variables: `params` scale, bias and `batch_stats` mean, var, all [C] float32.
+  """
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum,
+                      epsilon=epsilon, dtype=x.dtype, param_dtype=jnp.float32, name=name)(x)

@@ -1,53 +1,84 @@
-"""2-D convolution with a CPU-friendly implementation choice.
+"""2-D convolution and max-pooling, with the kernels chosen per platform.
 
-XLA:CPU runs convolutions inside a while loop (our `lax.scan` training epochs) several times
-slower than at top level (jax-ml/jax#12868; measured here: small CNN 92 vs 825 images/s). Written
-as im2col — k x k shifted slices concatenated on the channel axis, then one matrix product — the
-same convolution stays fast inside loops, so learners use it on CPU. GPUs and TPUs keep XLA's
-native convolution. Parameters are the same as `flax.linen.Conv`'s (`kernel` [k, k, in, out],
-`bias` [out]), so checkpoints and parameter counts do not depend on the choice.
+A learner runs on one platform, the `platform` of the devices of its run's mesh, which
+`training.fit` and `training.inference` bind into the module (`models.bind_platform`) before
+they trace it; the choice is an explicit module attribute, part of the jit cache key, and no
+environment variable or trace-time global is read.
+
+* CPU ("cpu"): XLA:CPU runs convolutions inside a while loop (our `lax.fori_loop` training
+  epochs) several times slower than at top level (jax-ml/jax#12868; measured here: small CNN
+  92 vs 825 images/s). Written as im2col — k x k shifted slices concatenated on the channel
+  axis, then one matrix product (`patch_matmul`, with a hand-written weight gradient) — the
+  same convolution stays fast inside loops, so training passes (`train=True`) use it.
+  Evaluation passes (`train=False`) run at top level, where XLA's own convolution is the
+  faster one (small CNN inference: 5,100 vs 1,300 images/s). Max-pooling is the reshape
+  `max_pool` (XLA:CPU's `reduce_window` and its `select_and_scatter` gradient were ~30% of the
+  small CNN's step).
+* Any other platform (GPU "gpu"/"cuda"/"rocm", TPU "tpu"): XLA's native convolution
+  (`lax.conv_general_dilated`) and Flax's `reduce_window` max-pool (`xla_max_pool`), in
+  training too, with autodiff gradients; none of the CPU kernels.
+
+`conv_impl(platform, train=...)` is that choice. Parameters are the same as
+`flax.linen.Conv`'s (`kernel` [k, k, in, out], `bias` [out]) on every platform, so checkpoints
+and parameter counts do not depend on it.
 """
 
-import contextlib
-import contextvars
-import os
-from typing import Callable, Iterator
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "im2col")
-# Overrides "auto" process-wide, e.g. for benchmarks: JAX_SEQGCN_CONV_IMPL=xla.
-ENV_VAR = "JAX_SEQGCN_CONV_IMPL"
-_SCOPE = contextvars.ContextVar("jax_seqgcn_conv_impl", default="auto")
+CPU = "cpu"
+# Platforms with XLA's own kernels (what `jax.Device.platform` or JAX_PLATFORMS name them).
+ACCELERATOR_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+IMPLS = ("im2col", "xla")
 
 
-@contextlib.contextmanager
-def impl_scope(impl: str) -> Iterator[None]:
-  """Within this context (at trace time) "auto" convolutions use `impl`.
+def check_platform(platform: Optional[str]) -> str:
+  """The platform a module was built for: `platform` itself, "cpu" for None (unbound).
 
-  Used by the evaluation forward pass: outside loops XLA's convolution is faster on CPU too
-  (small CNN inference: 5,100 vs 1,300 images/s), so only loop bodies need im2col.
+  Args:
+    platform: None, "cpu", or an accelerator platform such as "gpu", "cuda", "rocm", "tpu"
+      (any other non-empty name is taken as an accelerator too: plain Flax/XLA there).
+  Raises:
+    ValueError: an empty name or not a string.
   """
-  token = _SCOPE.set(impl)
-  try:
-    yield
-  finally:
-    _SCOPE.reset(token)
+  if platform is None:
+    return CPU
+  if not isinstance(platform, str) or not platform:
+    raise ValueError(f"platform must be a name such as 'cpu', 'gpu' or 'tpu', got {platform!r}")
+  return platform
 
 
-def resolve_impl(impl: str = "auto") -> str:
-  """"xla" or "im2col": `impl` itself; for "auto" the env override, else the `impl_scope`,
-  else im2col on CPU and XLA on other backends."""
+def uses_cpu_kernels(platform: Optional[str]) -> bool:
+  """True for "cpu" (and None): im2col convolutions, custom-gradient blocks, reshape max-pool."""
+  return check_platform(platform) == CPU
+
+
+def conv_impl(platform: Optional[str], *, train: bool) -> str:
+  """The convolution for a pass on `platform`: "im2col" or "xla".
+
+  On CPU, "im2col" for training passes (they run inside the epoch's loop, where XLA:CPU's
+  convolution is slow) and "xla" for evaluation passes (top level, where it is the faster);
+  elsewhere always "xla".
+  """
+  return "im2col" if uses_cpu_kernels(platform) and train else "xla"
+
+
+def check_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-  for choice in (impl, os.environ.get(ENV_VAR, "auto"), _SCOPE.get()):
-    if choice != "auto":
-      if choice not in IMPLS:
-        raise ValueError(f"conv impl must be one of {IMPLS}, got {choice!r}")
-      return choice
-  return "im2col" if jax.default_backend() == "cpu" else "xla"
+  return impl
+
+
+def relu(x: jax.Array) -> jax.Array:
+  """max(x, 0) with gradient 0 at 0 (as `jax.nn.relu`) and NaN kept, as plain ops.
+
+  `jax.nn.relu` is a `custom_jvp` function; this is the same function and gradient written
+  with `jnp.where`, so the learners' GPU/TPU path is free of custom derivative rules.
+  """
+  return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 def im2col_conv(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0):
@@ -110,25 +141,46 @@ def _patch_matmul_bwd(residuals, grad):
 patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
 
 
-def max_pool(x: jax.Array, window: int = 2, *, ceil_mode: bool = False) -> jax.Array:
-  """Non-overlapping max-pool (stride = window) as a reshape and a max over the window axes.
+def max_pool(x: jax.Array, window: int = 2, *, ceil_mode: bool = False,
+             platform: Optional[str] = None) -> jax.Array:
+  """Non-overlapping max-pool (stride = window) with the kernel for `platform`.
 
-  Equals `flax.linen.max_pool(x, (k, k), strides=(k, k))` ("VALID" for `ceil_mode=False`,
-  "SAME" for True) in the forward pass, but costs an elementwise pass where XLA:CPU's
+  `reshape_max_pool` on CPU (and for None), `xla_max_pool` elsewhere; the same values.
+
+  Args:
+    x: [B, H, W, C].
+    window: k, the window and stride.
+    ceil_mode: False drops the last H % k rows and W % k columns (torch `MaxPool2d`); True
+      keeps them as a partial window (padding with -inf at the end, torch `ceil_mode=True`).
+    platform: see `conv_impl`.
+  Returns:
+    [B, H // k, W // k, C] (ceil division when `ceil_mode`).
+  """
+  if uses_cpu_kernels(platform):
+    return reshape_max_pool(x, window, ceil_mode=ceil_mode)
+  return xla_max_pool(x, window, ceil_mode=ceil_mode)
+
+
+def xla_max_pool(x: jax.Array, window: int = 2, *, ceil_mode: bool = False) -> jax.Array:
+  """`flax.linen.max_pool` (XLA's `reduce_window`; its gradient, `select_and_scatter`, gives
+  each window's gradient to one maximum), with `max_pool`'s arguments and shapes."""
+  k = int(window)
+  padding = "VALID"
+  if ceil_mode:  # -inf padding after the last row/column only, as torch's ceil mode
+    padding = ((0, -x.shape[1] % k), (0, -x.shape[2] % k))
+  return nn.max_pool(x, (k, k), strides=(k, k), padding=padding)
+
+
+def reshape_max_pool(x: jax.Array, window: int = 2, *, ceil_mode: bool = False) -> jax.Array:
+  """The CPU max-pool: a reshape and a max over the window axes (args as `max_pool`).
+
+  Equals `xla_max_pool` in the forward pass, but costs an elementwise pass where XLA:CPU's
   `reduce_window` and the `select_and_scatter` of its gradient took ~30% of the small CNN's
   training step. One deliberate difference: when several inputs of a window tie for the
   maximum, the gradient is split among them (torch and `select_and_scatter` give it all to
   one). VGG-11 and DeepPrior pool after a ReLU, where ties are zeros whose ReLU gradient is 0,
   so their parameter gradients are the same; the small CNN uses `conv_pool.conv_relu_pool`,
   which gives the gradient to the first maximum as torch does.
-
-  Args:
-    x: [B, H, W, C].
-    window: k, the window and stride.
-    ceil_mode: False drops the last H % k rows and W % k columns (torch `MaxPool2d`); True
-      keeps them as a partial window (padding with -inf, like "SAME").
-  Returns:
-    [B, H // k, W // k, C] (ceil division when `ceil_mode`).
   """
   k = int(window)
   batch, height, width, channels = x.shape
@@ -159,7 +211,8 @@ class Conv2D(nn.Module):
     padding: zero padding in pixels on each side.
     use_bias: add a bias.
     kernel_init, bias_init: initialisers.
-    impl: "auto" (im2col on CPU, XLA elsewhere), "xla" or "im2col".
+    impl: "im2col" (`im2col_conv`, for CPU training passes) or "xla" (`xla_conv`); learners
+      pick it with `conv_impl(platform, train=...)`. The parameters are the same for both.
   """
   features: int
   kernel_size: int = 3
@@ -168,14 +221,14 @@ class Conv2D(nn.Module):
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
-  impl: str = "auto"
+  impl: str = "im2col"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] -> [B, H', W', features]."""
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-    conv = im2col_conv if resolve_impl(self.impl) == "im2col" else xla_conv
+    conv = im2col_conv if check_impl(self.impl) == "im2col" else xla_conv
     y = conv(x, kernel.astype(x.dtype), stride=self.stride, padding=self.padding)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(x.dtype)

@@ -15,19 +15,24 @@ pass by hand:
 
 `relu(max(y)) = max(relu(y))`, so the values are those of the separate ops. The gradient goes to
 the first maximum of each window in row-major order, as in torch (`MaxPool2d`) and XLA's
-`select_and_scatter`; `jax_seqgcn.models.conv.max_pool` splits it among ties instead. The
+`select_and_scatter`; `jax_seqgcn.models.conv.reshape_max_pool` splits it among ties instead. The
 parameter gradients differ only where a window holds several equal positive maxima whose
 patches differ (flat image background gives equal maxima from equal patches).
 
 Measured on our 2-core CPU, small CNN training at batch 64 (best epoch of each of 8 interleaved
 A/B runs): 3,390-3,780 -> 3,720-3,940 images/s, about +6%. Inference keeps the separate ops
 (see `conv_relu_pool`).
+
+This block is an XLA:CPU kernel. `ConvReLUPool` uses it only when its `platform` is "cpu" (or
+None); on GPUs and TPUs it is the plain ops instead — XLA's convolution, bias, ReLU and Flax's
+`reduce_window` max-pool (`conv.xla_max_pool`), differentiated by autodiff — with the same
+parameters and values.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import chex
 import flax.linen as nn
@@ -102,7 +107,7 @@ def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, window: int
     bias: [O].
     window: max-pool window and stride (trailing rows/columns dropped, as torch `MaxPool2d`).
     padding: symmetric zero padding of the convolution, in pixels.
-    impl: "im2col" or "xla", the convolution (see `jax_seqgcn.models.conv`); not "auto".
+    impl: "im2col" or "xla", the convolution (`jax_seqgcn.models.conv.conv_impl`).
   Returns:
     (activation [B, H', W', O], pooled [B, H' // window, W' // window, O]) with
     H' = H + 2 padding - k + 1 (likewise W'). An unused activation costs nothing: XLA drops it.
@@ -110,7 +115,7 @@ def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, window: int
   # Without differentiation: the plain ops, which XLA:CPU's YNNPACK fuses with an XLA
   # convolution into one subgraph (inference ~1.8x faster than with the strided-slice pool).
   activation = jnp.maximum(_conv_fn(padding, impl)(x, kernel) + bias, 0)
-  return activation, conv_lib.max_pool(activation, window)
+  return activation, conv_lib.reshape_max_pool(activation, window)
 
 
 def _conv_fn(padding: int, impl: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -154,10 +159,14 @@ conv_relu_pool.defvjp(_forward, _backward, symbolic_zeros=True)
 
 
 class ConvReLUPool(nn.Module):
-  """`maxpool(relu(Conv2D(x)))` through `conv_relu_pool`; parameters as `conv.Conv2D`'s.
+  """`maxpool(relu(Conv2D(x)))`, with the kernels of `platform`; parameters as `conv.Conv2D`'s.
 
-  The parameters are `kernel` [k, k, C, features] and `bias` [features], named and shaped as a
-  `Conv2D` with a bias, so checkpoints are interchangeable with the separate layers.
+  On CPU (`platform` "cpu" or None) through `conv_relu_pool` (the im2col convolution in
+  training passes, XLA's in evaluation passes: `conv.conv_impl`); on any other platform as
+  the plain ops (`conv.xla_conv`, bias, ReLU, `conv.xla_max_pool`) with autodiff gradients.
+  The parameters are `kernel` [k, k, C, features] and `bias` [features], named and shaped as
+  a `Conv2D` with a bias on every platform, so checkpoints are interchangeable with the
+  separate layers and across platforms.
 
   Attributes:
     features: output channels.
@@ -165,7 +174,7 @@ class ConvReLUPool(nn.Module):
     padding: zero padding in pixels on each side.
     window: max-pool window and stride.
     kernel_init, bias_init: initialisers.
-    impl: convolution implementation, "auto" (im2col on CPU, XLA elsewhere), "xla" or "im2col".
+    platform: "cpu", an accelerator platform ("gpu", "cuda", "rocm", "tpu"), or None (CPU).
   """
   features: int
   kernel_size: int = 3
@@ -173,14 +182,21 @@ class ConvReLUPool(nn.Module):
   window: int = 2
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
-  impl: str = "auto"
+  platform: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [B, H, W, C] -> (activation [B, H', W', features], pooled [B, H'/w, W'/w, features])."""
+  def __call__(self, x: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """x: [B, H, W, C] -> (activation [B, H', W', features], pooled [B, H'/w, W'/w, features]).
+
+    `train` picks the CPU convolution (`conv.conv_impl`); the values do not depend on it.
+    """
     chex.assert_rank(x, 4)
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,))
-    return conv_relu_pool(x, kernel.astype(x.dtype), bias.astype(x.dtype), self.window,
-                          self.padding, conv_lib.resolve_impl(self.impl))
+    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+    if conv_lib.uses_cpu_kernels(self.platform):
+      return conv_relu_pool(x, kernel, bias, self.window, self.padding,
+                            conv_lib.conv_impl(self.platform, train=train))
+    activation = conv_lib.relu(conv_lib.xla_conv(x, kernel, padding=self.padding) + bias)
+    return activation, conv_lib.xla_max_pool(activation, self.window)

@@ -19,19 +19,23 @@ instead of three so that `stage_features` has the 4 entries the common interface
 after each conv (as in DeepPrior++), so convs have no bias; and no PCA "prior" bottleneck or
 dropout, the final layer regresses the coordinates directly. Trainable parameters for J = 16:
 2,175,080 (about 11 M multiply-adds per image).
+
+Kernels by `platform` (`jax_seqgcn.models.conv`): on CPU im2col convolutions in training passes,
+the closed-form-gradient BatchNorm and the reshape max-pool; on GPUs and TPUs XLA's
+convolution, Flax's BatchNorm and Flax's `reduce_window` max-pool.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import chex
 import jax
 from flax import linen as nn
 
-from jax_seqgcn.models.conv import max_pool
+from jax_seqgcn.models.conv import conv_impl, max_pool
 from jax_seqgcn.models.layers import batch_norm
-from jax_seqgcn.models.layers import check_image_size, torch_conv, torch_dense
+from jax_seqgcn.models.layers import check_image_size, relu, torch_conv, torch_dense
 
 # (kernel size, output channels, max-pool window) per conv stage.
 DEEPPRIOR_STAGES: tuple[tuple[int, int, int], ...] = ((5, 8, 4), (5, 16, 2), (3, 32, 2), (3, 64, 2))
@@ -45,11 +49,15 @@ class DeepPrior(nn.Module):
     stages: exactly 4 (kernel, channels, pool) triples (default `DEEPPRIOR_STAGES`).
     hidden: widths of the hidden FC layers; the last is the embedding dimension (default 1024).
     in_channels: if set, the input's channel count is checked against it (1 for depth).
+    platform: the platform whose kernels it uses: "cpu", "gpu", "cuda", "rocm", "tpu", or None
+      (unbound: `training.fit`/`inference` bind their mesh's; applied directly, CPU's). See
+      `jax_seqgcn.models.conv`; the variables do not depend on it.
   """
   num_joints: int = 16
   stages: Sequence[tuple[int, int, int]] = DEEPPRIOR_STAGES
   hidden: Sequence[int] = (1024, 1024)
   in_channels: int | None = None
+  platform: Optional[str] = None
 
   @property
   def min_image_size(self) -> int:
@@ -81,13 +89,13 @@ class DeepPrior(nn.Module):
     stage_outputs = []
     for index, (kernel, channels, pool) in enumerate(self.stages, start=1):
       x = torch_conv(channels, x.shape[-1], kernel, padding=kernel // 2, use_bias=False,
-                     name=f"conv{index}")(x)
-      x = nn.relu(batch_norm(train, f"bn{index}")(x))
+                     name=f"conv{index}", impl=conv_impl(self.platform, train=train))(x)
+      x = relu(batch_norm(train, f"bn{index}", platform=self.platform)(x))
       if pool > 1:
-        x = max_pool(x, pool)
+        x = max_pool(x, pool, platform=self.platform)
       stage_outputs.append(x)
     x = x.reshape(x.shape[0], -1)
     for index, width in enumerate(self.hidden, start=1):
-      x = nn.relu(torch_dense(width, x.shape[-1], name=f"fc{index}")(x))
+      x = relu(torch_dense(width, x.shape[-1], name=f"fc{index}")(x))
     coordinates = torch_dense(3 * self.num_joints, x.shape[-1], name="head")(x)
     return coordinates, x, tuple(stage_outputs)

@@ -5,19 +5,26 @@ The initialisers make CPU-scale results comparable with the reference PyTorch ru
   * biases: U(+-1/sqrt(fan_in)) = `torch_bias_init(fan_in)`.
 `batch_norm` is BatchNorm with torch's defaults, and `check_image_size` the one-line error every
 learner gives for images too small for its pooling.
+
+`torch_conv`, `batch_norm` and `conv.max_pool` take the learner's `platform` (see
+`jax_seqgcn.models.conv`): the XLA:CPU kernels on "cpu" (or None), plain Flax/XLA on GPUs and
+TPUs, with the same parameters.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jax_seqgcn.models import conv
 from jax_seqgcn.models.batchnorm import BatchNorm
+from jax_seqgcn.models.batchnorm import flax_batch_norm
 from jax_seqgcn.models.conv import Conv2D
+from jax_seqgcn.models.conv import relu  # noqa: F401  (re-exported: plain-op ReLU)
 
 # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): bound = sqrt(6 / ((1 + 5) * fan_in)) = sqrt(1/fan_in),
 # which is variance_scaling's uniform limit sqrt(3 * scale / fan_in) with scale = 1/3.
@@ -42,7 +49,7 @@ def torch_bias_init(fan_in: int) -> jax.nn.initializers.Initializer:
 
 def torch_conv(features: int, in_channels: int, kernel_size: int = 3, *, stride: int = 1,
                padding: int = 1, use_bias: bool = True, name: str | None = None,
-               impl: str = "auto") -> Conv2D:
+               impl: str = "im2col") -> Conv2D:
   """An `nn.Conv` with PyTorch's Conv2d default initialisation (call inside a compact method).
 
   Args:
@@ -53,8 +60,9 @@ def torch_conv(features: int, in_channels: int, kernel_size: int = 3, *, stride:
     padding: symmetric zero padding in pixels (torch semantics).
     use_bias: whether the convolution has a bias.
     name: optional submodule name.
-    impl: convolution implementation, see `jax_seqgcn.models.conv` ("auto": im2col on CPU,
-      where XLA's convolution is slow inside `lax.scan`; XLA's own elsewhere).
+    impl: "im2col" or "xla", see `jax_seqgcn.models.conv`; learners pass
+      `conv.conv_impl(platform, train=train)` (im2col for CPU training passes, where XLA's
+      convolution is slow inside loops; XLA's own otherwise).
   Returns:
     A `Conv2D` (parameters `kernel`, `bias` as `nn.Conv`); applied to [B, H, W, in_channels]
     it gives [B, H', W', features].
@@ -97,17 +105,23 @@ def check_image_size(image_shape: Sequence[int], min_size: int, learner: str) ->
                      f"pixels ({why}); got {height}x{width}")
 
 
-def batch_norm(train: bool, name: str | None = None) -> BatchNorm:
+def batch_norm(train: bool, name: str | None = None, *,
+               platform: Optional[str] = None) -> Callable[[jax.Array], jax.Array]:
   """BatchNorm with PyTorch's defaults (momentum 0.1 -> Flax 0.9, eps 1e-5), scale 1, bias 0.
 
-  `jax_seqgcn.models.batchnorm.BatchNorm`: Flax's layer (same variables and values) that keeps
-  a bfloat16 input's dtype (mixed precision) and has a closed-form gradient.
+  On CPU (`platform` "cpu" or None) `jax_seqgcn.models.batchnorm.BatchNorm`: Flax's layer (same
+  variables and values) with a closed-form gradient; on GPUs and TPUs `flax.linen.BatchNorm`
+  itself (`batchnorm.flax_batch_norm`). Both keep a bfloat16 input's dtype (mixed precision).
 
   Args:
     train: if True normalise with batch statistics and update 'batch_stats'; else use the running
       averages.
     name: optional submodule name.
+    platform: see `jax_seqgcn.models.conv`.
   Returns:
-    A `BatchNorm` over the last axis ([..., C] -> [..., C]).
+    A layer over the last axis ([..., C] -> [..., C]) to call once inside a compact method; its
+    variables are `params` scale, bias and `batch_stats` mean, var ([C] float32) either way.
   """
-  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  if conv.uses_cpu_kernels(platform):
+    return BatchNorm(use_running_average=not train, name=name)
+  return lambda x: flax_batch_norm(x, use_running_average=not train, name=name)

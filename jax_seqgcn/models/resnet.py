@@ -20,18 +20,29 @@ BatchNorm statistics (in 'batch_stats') are not counted.
 BatchNorm follows torch defaults (momentum 0.1 in torch = 0.9 here, eps 1e-5). One small difference
 remains: Flax updates the running variance with the biased batch variance, torch with the unbiased
 one (a factor n/(n-1), n = batch * height * width).
+
+Kernels by `platform` (`jax_seqgcn.models.conv`): on CPU im2col convolutions in training passes
+and the closed-form-gradient BatchNorm; on GPUs and TPUs XLA's convolution and Flax's BatchNorm.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Optional, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.layers import batch_norm, check_image_size, torch_conv, torch_dense
+from jax_seqgcn.models import conv as conv_lib
+from jax_seqgcn.models.layers import batch_norm, check_image_size, relu, torch_conv, torch_dense
+
+
+def _layers(platform: Optional[str], train: bool):
+  """(conv, bn): `torch_conv` and `batch_norm` with the kernels of `platform` for this pass."""
+  return (functools.partial(torch_conv, impl=conv_lib.conv_impl(platform, train=train)),
+          functools.partial(batch_norm, train, platform=platform))
 
 
 class BasicBlock(nn.Module):
@@ -40,9 +51,11 @@ class BasicBlock(nn.Module):
   Attributes:
     features: output channels.
     stride: stride of the first convolution (and of the projection shortcut).
+    platform: the kernels' platform, as `ResNet`'s.
   """
   features: int
   stride: int = 1
+  platform: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -54,18 +67,19 @@ class BasicBlock(nn.Module):
     Returns:
       [B, ceil(H / stride), ceil(W / stride), features].
     """
+    conv, bn = _layers(self.platform, train)
     in_channels = x.shape[-1]
-    out = torch_conv(self.features, in_channels, 3, stride=self.stride, padding=1,
-                     use_bias=False, name="conv1")(x)
-    out = nn.relu(batch_norm(train, "bn1")(out))
-    out = torch_conv(self.features, self.features, 3, padding=1, use_bias=False, name="conv2")(out)
-    out = batch_norm(train, "bn2")(out)
+    out = conv(self.features, in_channels, 3, stride=self.stride, padding=1, use_bias=False,
+               name="conv1")(x)
+    out = relu(bn("bn1")(out))
+    out = conv(self.features, self.features, 3, padding=1, use_bias=False, name="conv2")(out)
+    out = bn("bn2")(out)
     shortcut = x
     if self.stride != 1 or in_channels != self.features:
-      shortcut = torch_conv(self.features, in_channels, 1, stride=self.stride, padding=0,
-                            use_bias=False, name="shortcut_conv")(x)
-      shortcut = batch_norm(train, "shortcut_bn")(shortcut)
-    return nn.relu(out + shortcut)
+      shortcut = conv(self.features, in_channels, 1, stride=self.stride, padding=0,
+                      use_bias=False, name="shortcut_conv")(x)
+      shortcut = bn("shortcut_bn")(shortcut)
+    return relu(out + shortcut)
 
 
 class ResNet(nn.Module):
@@ -78,11 +92,15 @@ class ResNet(nn.Module):
       stage_features[0] channels and the embedding stage_features[-1] dimensions.
     in_channels: if set, the input's channel count is checked against it (3 for RGB, 1 for
       Fashion-MNIST); the stem itself adapts to the input.
+    platform: the platform whose kernels it uses: "cpu", "gpu", "cuda", "rocm", "tpu", or None
+      (unbound: `training.fit`/`inference` bind their mesh's; applied directly, CPU's). See
+      `jax_seqgcn.models.conv`; the variables do not depend on it.
   """
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   stage_features: Sequence[int] = (64, 128, 256, 512)
   in_channels: int | None = None
+  platform: Optional[str] = None
 
   @property
   def min_image_size(self) -> int:
@@ -105,15 +123,16 @@ class ResNet(nn.Module):
     if self.in_channels is not None:
       chex.assert_axis_dimension(x, 3, self.in_channels)
     check_image_size(x.shape, self.min_image_size, type(self).__name__)
-    out = torch_conv(self.stage_features[0], x.shape[-1], 3, padding=1, use_bias=False,
-                     name="stem_conv")(x)
-    out = nn.relu(batch_norm(train, "stem_bn")(out))
+    conv, bn = _layers(self.platform, train)
+    out = conv(self.stage_features[0], x.shape[-1], 3, padding=1, use_bias=False,
+               name="stem_conv")(x)
+    out = relu(bn("stem_bn")(out))
     stage_outputs = []
     for stage, (num_blocks, features) in enumerate(zip(self.stage_sizes, self.stage_features)):
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        out = BasicBlock(features, stride, name=f"stage{stage + 1}_block{block + 1}")(
-            out, train=train)
+        out = BasicBlock(features, stride, platform=self.platform,
+                         name=f"stage{stage + 1}_block{block + 1}")(out, train=train)
       stage_outputs.append(out)
     embedding = jnp.mean(out, axis=(1, 2))
     logits = torch_dense(self.num_classes, embedding.shape[-1], name="head")(embedding)

@@ -37,7 +37,7 @@ fan_in is out_channels * k * k. BatchNorm: scale 1, bias 0, PyTorch momentum 0.1
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import chex
 import jax
@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jax_seqgcn.models.conv import Conv2D
-from jax_seqgcn.models.conv import resolve_impl
+from jax_seqgcn.models.conv import check_impl
+from jax_seqgcn.models.conv import conv_impl
 from jax_seqgcn.models.layers import torch_bias_init
 from jax_seqgcn.models.layers import torch_dense
 
@@ -149,21 +150,22 @@ class ConvTranspose2D(nn.Module):
     stride: upsampling factor.
     padding: PyTorch padding (cropped from the full output).
     use_bias: add a bias.
-    impl: "auto" (by output phase on CPU, XLA elsewhere), "xla" or "im2col" (by phase).
+    impl: "im2col" (`conv_transpose`, by output phase: CPU training passes) or "xla"
+      (`lax.conv_general_dilated` with input dilation); `conv.conv_impl` picks it.
   """
   features: int
   kernel_size: int
   stride: int = 1
   padding: int = 0
   use_bias: bool = False
-  impl: str = "auto"
+  impl: str = "im2col"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] -> [B, (H - 1) stride + k - 2 padding, ..., features]."""
     k = self.kernel_size
     kernel = self.param("kernel", torch_conv_transpose_init, (k, k, x.shape[-1], self.features))
-    op = conv_transpose if resolve_impl(self.impl) == "im2col" else _xla_conv_transpose
+    op = conv_transpose if check_impl(self.impl) == "im2col" else _xla_conv_transpose
     y = op(x, kernel, stride=self.stride, padding=self.padding)
     if self.use_bias:
       y = y + self.param("bias", torch_bias_init(self.features * k * k), (self.features,))
@@ -184,14 +186,15 @@ class VAE(nn.Module):
     channels: image channels nc (1 for Fashion-MNIST, 3 for CIFAR/SVHN).
     latent_dim: z size (the reference: 28 for Fashion-MNIST, 32 otherwise).
     width: channel multiplier; 1.0 is the reference's 128-256-512-1024.
-    impl: convolution implementation ("auto": im2col and by-phase transposed convolutions on
-      CPU, which stay fast inside loops; XLA's own elsewhere).
+    platform: the platform whose convolutions it uses ("cpu" or None: im2col and by-phase
+      transposed convolutions in training passes, which stay fast inside loops, XLA's own in
+      evaluation passes; "gpu", "tpu", ...: XLA's own always; `conv.conv_impl`).
   """
   image_size: int = 32
   channels: int = 3
   latent_dim: int = 32
   width: float = 1.0
-  impl: str = "auto"
+  platform: Optional[str] = None
 
   def _channels(self):
     return tuple(scaled(c, self.width) for c in ENCODER_CHANNELS)
@@ -217,12 +220,13 @@ class VAE(nn.Module):
        logvar [B, latent_dim]), as the reference's `forward` (recon, z, mu, logvar).
     """
     self._check(x)
+    impl = conv_impl(self.platform, train=train)
     k_last = KERNEL_BY_SIZE[self.image_size]
     c = self._channels()
     h = x
     for i, (features, k) in enumerate(zip(c, (4, 4, 4, k_last))):
       h = Conv2D(features, k, stride=2, padding=1, use_bias=False, kernel_init=kaiming_normal,
-                 impl=self.impl, name=f"encoder_conv{i}")(h)
+                 impl=impl, name=f"encoder_conv{i}")(h)
       h = nn.relu(_batch_norm(train, f"encoder_bn{i}")(h))
     h = h.reshape(h.shape[0], -1)  # [B, 2 * 2 * c4]
     mu = torch_dense(self.latent_dim, h.shape[-1], name="fc_mu")(h)
@@ -234,10 +238,10 @@ class VAE(nn.Module):
     h = nn.Dense(16 * c[3], kernel_init=kaiming_normal, name="decoder_fc")(z)
     h = h.reshape(h.shape[0], 4, 4, c[3])
     for i, (features, k) in enumerate(zip((c[2], c[1], c[0]), (k_last, 4, 4))):
-      h = ConvTranspose2D(features, k, stride=2, padding=1, impl=self.impl,
+      h = ConvTranspose2D(features, k, stride=2, padding=1, impl=impl,
                           name=f"decoder_convt{i}")(h)
       h = nn.relu(_batch_norm(train, f"decoder_bn{i}")(h))
-    recon = ConvTranspose2D(self.channels, 1, use_bias=True, impl=self.impl,
+    recon = ConvTranspose2D(self.channels, 1, use_bias=True, impl=impl,
                             name="decoder_out")(h)
     return recon, z, mu, logvar
 
@@ -261,13 +265,16 @@ class Discriminator(nn.Module):
 
 
 def vae_for_images(image_shape, *, latent_dim: int = 0, width: float = 1.0,
-                   impl: str = "auto") -> VAE:
+                   platform: Optional[str] = None) -> VAE:
   """The `VAE` for [H, W, C] images; `latent_dim` 0 picks the reference's (`default_latent_dim`).
+
+  `platform` is the platform of the devices it runs on (see `VAE`).
 
   Raises:
     ValueError: images that are not 28x28 or 32x32.
   """
   size, channels = check_image_shape(image_shape)
   return VAE(image_size=size, channels=channels,
-             latent_dim=int(latent_dim) or LATENT_BY_SIZE[size], width=float(width), impl=impl)
+             latent_dim=int(latent_dim) or LATENT_BY_SIZE[size], width=float(width),
+             platform=platform)
 

@@ -17,20 +17,24 @@ Differences from the reference repository's `vgg11()`, which follow docs/protoco
 reference has no BatchNorm, a dropout MLP head (512-512-512-10) and normal(0, sqrt(2/fan_out))
 conv init; here BN is used, the head is one Dense layer, there is no dropout, and all kernels use
 torch's default init.
+
+Kernels by `platform` (`jax_seqgcn.models.conv`): on CPU im2col convolutions in training passes,
+the closed-form-gradient BatchNorm and the reshape max-pool; on GPUs and TPUs XLA's
+convolution, Flax's BatchNorm and Flax's `reduce_window` max-pool.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jax_seqgcn.models.conv import max_pool
+from jax_seqgcn.models.conv import conv_impl, max_pool
 from jax_seqgcn.models.layers import batch_norm
-from jax_seqgcn.models.layers import check_image_size, torch_conv, torch_dense
+from jax_seqgcn.models.layers import check_image_size, relu, torch_conv, torch_dense
 
 VGG11_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -42,10 +46,14 @@ class VGG(nn.Module):
     num_classes: width of the logits.
     cfg: layer configuration (default `VGG11_CFG`); must contain at least 4 "M" entries.
     in_channels: if set, the input's channel count is checked against it.
+    platform: the platform whose kernels it uses: "cpu", "gpu", "cuda", "rocm", "tpu", or None
+      (unbound: `training.fit`/`inference` bind their mesh's; applied directly, CPU's). See
+      `jax_seqgcn.models.conv`; the variables do not depend on it.
   """
   num_classes: int = 10
   cfg: Sequence[int | str] = VGG11_CFG
   in_channels: int | None = None
+  platform: Optional[str] = None
 
   @property
   def min_image_size(self) -> int:
@@ -72,12 +80,13 @@ class VGG(nn.Module):
     conv_index = 0
     for layer in self.cfg:
       if layer == "M":
-        x = max_pool(x, 2, ceil_mode=True)  # flax "SAME": a partial last window
+        x = max_pool(x, 2, ceil_mode=True, platform=self.platform)  # a partial last window
         pooled.append(x)
       else:
         conv_index += 1
-        x = torch_conv(int(layer), x.shape[-1], 3, padding=1, name=f"conv{conv_index}")(x)
-        x = nn.relu(batch_norm(train, f"bn{conv_index}")(x))
+        x = torch_conv(int(layer), x.shape[-1], 3, padding=1, name=f"conv{conv_index}",
+                       impl=conv_impl(self.platform, train=train))(x)
+        x = relu(batch_norm(train, f"bn{conv_index}", platform=self.platform)(x))
     embedding = jnp.mean(x, axis=(1, 2))
     logits = torch_dense(self.num_classes, embedding.shape[-1], name="head")(embedding)
     return logits, embedding, tuple(pooled[:4])

@@ -1,7 +1,10 @@
 """Eval-mode passes of a trained learner: predictions, embeddings, the sampler's pool fields, tests.
 
 Every pass runs over fixed-size batches (one compile for any number of images), without
-augmentation, with the learner's BatchNorm statistics, and returns host NumPy arrays.
+augmentation, with the learner's BatchNorm statistics, and returns host NumPy arrays. A learner
+whose `platform` is None runs with the kernels of the mesh's devices (`models.bind_platform`);
+its eval-mode pass (`train=False`) uses XLA's own convolution on every platform, the faster at
+top level on CPU too (`models.conv.conv_impl`).
 """
 
 import functools
@@ -10,13 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_seqgcn.models import conv
 from jax_seqgcn.training import augment
 from jax_seqgcn.training import parallel
 from jax_seqgcn.training import precision
 from jax_seqgcn.training.state import TRACE_COUNTS
 from jax_seqgcn.training.state import TrainState
 from jax_seqgcn.training.state import _check_hashable
+from jax_seqgcn.training.state import bind_platform
 from jax_seqgcn.training.state import check_task
 from jax_seqgcn.training.state import check_inputs
 
@@ -36,10 +39,8 @@ def _forward_fn(model, spec, mesh, loss_net=None, compute_dtype="float32"):
     x = augment.apply_spec(None, images, spec, train=False).astype(dtype)
     learner = dict(variables["learner"], params=precision.cast_floating(
         variables["learner"]["params"], dtype))
-    # Top level (no loop): XLA's own convolution is the fast one here, even on CPU.
-    with conv.impl_scope("xla"):
-      outputs, embedding, stage_features = precision.to_float32(
-          model.apply(learner, x, train=False))
+    outputs, embedding, stage_features = precision.to_float32(
+        model.apply(learner, x, train=False))
     if loss_net is None:
       return outputs, embedding
     return outputs, embedding, loss_net.apply({"params": variables["loss_net"]}, stage_features)
@@ -57,6 +58,7 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
   """
   _check_hashable(model)
   mesh = parallel.make_mesh() if mesh is None else mesh
+  model = bind_platform(model, mesh)
   images = np.asarray(images)
   check_inputs(images, None, None, batch_size, mesh, need_targets=False)
   indices = (np.arange(images.shape[0]) if indices is None

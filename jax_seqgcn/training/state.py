@@ -27,6 +27,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from jax_seqgcn import models
 from jax_seqgcn.training import loss_prediction as loss_prediction_lib
 from jax_seqgcn.training import parallel
 
@@ -120,6 +121,21 @@ def _apply_fn(model):
   # One bound method per equal model: `apply_fn` is static pytree data compared by ==, and
   # bound methods of distinct (even equal) modules compare unequal.
   return model.apply
+
+
+def mesh_platform(mesh) -> str:
+  """The platform ("cpu", "gpu", "tpu", ...) of the devices of `mesh`."""
+  return mesh.devices.flat[0].platform
+
+
+def bind_platform(model, mesh):
+  """`model` with its kernels bound to the platform of `mesh`'s devices, before any trace.
+
+  See `jax_seqgcn.models.bind_platform`: a learner whose `platform` is None gets the mesh's
+  (the clone, not the global backend, is what the cached jits see); others are returned as
+  they are.
+  """
+  return models.bind_platform(model, mesh_platform(mesh))
 
 
 def _check_hashable(model) -> None:
