@@ -13,6 +13,11 @@ cycle with these functions, so a user can also drive one by hand:
 Keys: `run_cycle` splits its key into (train, select) and `select` its key into (subset,
 sampler), as the loop has always done, so one cycle key fixes the whole cycle.
 
+Several processes: every process trains and runs the sampler (the learner is one SPMD program),
+but the candidate draw and the picks are process 0's, broadcast to all
+(`parallel.broadcast_from_main`): one labelled set for the whole run, even where hosts would
+round differently.
+
 Node order, as the reference: the unlabelled candidates first, then the labelled set. What is
 computed for the sampler is what it declares it needs (`samplers.Sampler.needs`): one eval pass
 gives the embeddings, class probabilities and predicted losses; VAAL gets the preprocessed
@@ -101,11 +106,16 @@ def make_setup(*, model, sampler, task: str = "classification", preprocessing=No
 
 
 def train_learner(setup: CycleSetup, key: jax.Array, images, targets, *,
-                  progress: Optional[Callable[[int, int, dict], None]] = None):
-  """A fresh learner trained on [L, H, W, C] `images` and their targets (`training.fit`)."""
+                  progress: Optional[Callable[[int, int, dict], None]] = None,
+                  **resume_kwargs):
+  """A fresh learner trained on [L, H, W, C] `images` and their targets (`training.fit`).
+
+  `resume_kwargs`: `training.fit`'s `initial_state`, `start_epoch` (continue a saved fit) and
+  `on_epoch_end` (e.g. save one), passed through.
+  """
   return training.fit(key, setup.model, images, targets, task=setup.task,
              preprocessing=setup.preprocessing, mesh=setup.mesh, progress=progress,
-             **setup.fit_kwargs)
+             **resume_kwargs, **setup.fit_kwargs)
 
 
 def test_learner(setup: CycleSetup, state, images, targets) -> float:
@@ -195,13 +205,16 @@ def select(setup: CycleSetup, key: jax.Array, state, images, labelled, *, budget
     subset: see `candidates`.
   """
   subset_key, sampler_key = jax.random.split(key)
-  unlabelled = candidates(subset_key, labelled, len(images), subset)
+  # Process 0's draw and picks are the run's (see `parallel.broadcast_from_main`).
+  unlabelled = parallel.broadcast_from_main(
+      candidates(subset_key, labelled, len(images), subset))
   start = time.perf_counter()
   nodes = np.concatenate([unlabelled, labelled])
   pool = embed_pool(setup, state, images, nodes, np.arange(len(nodes)) >= len(unlabelled))
   embed_s = time.perf_counter() - start
   start = time.perf_counter()
-  picks = np.asarray(setup.sampler(sampler_key, pool, budget, **setup.options))
+  picks = np.asarray(setup.sampler(sampler_key, pool, budget, **setup.options), np.int32)
+  picks = parallel.broadcast_from_main(picks)
   sample_s = time.perf_counter() - start
   return Selection(np.concatenate([labelled, unlabelled[picks]]), nodes, pool, picks,
                    embed_s, sample_s)
@@ -221,7 +234,8 @@ class CycleResult(NamedTuple):
 
 def run_cycle(setup: CycleSetup, key: jax.Array, dataset: Dataset, labelled, *,
               budget: Optional[int], subset: Optional[int] = None,
-              progress: Optional[Callable[[int, int, dict], None]] = None) -> CycleResult:
+              progress: Optional[Callable[[int, int, dict], None]] = None,
+              **resume_kwargs) -> CycleResult:
   """Trains on `labelled`, tests, and (unless `budget` is None) selects `budget` more.
 
   Args:
@@ -232,14 +246,17 @@ def run_cycle(setup: CycleSetup, key: jax.Array, dataset: Dataset, labelled, *,
     budget: picks to make; None for a last cycle, which selects nothing.
     subset: see `candidates`.
     progress: `training.fit`'s per-epoch callback.
+    **resume_kwargs: `training.fit`'s `initial_state`, `start_epoch` and `on_epoch_end` (see
+      `train_learner`): the loop continues a cycle from an epoch checkpoint with them.
   Returns:
-    A `CycleResult`; `train_s` counts training and testing.
+    A `CycleResult`; `train_s` counts training (a resumed cycle's: from its restart) and
+    testing.
   """
   train_key, select_key = jax.random.split(key)
   labelled = np.asarray(labelled)
   start = time.perf_counter()
   state = train_learner(setup, train_key, dataset.train_images[labelled],
-                        dataset.train_targets[labelled], progress=progress)
+                        dataset.train_targets[labelled], progress=progress, **resume_kwargs)
   metric = test_learner(setup, state, dataset.test_images, dataset.test_targets)
   train_s = time.perf_counter() - start
   selection = None

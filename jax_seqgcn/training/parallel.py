@@ -200,3 +200,25 @@ def _fetch(x):
 def to_host(tree: Any) -> Any:
   """Fetches a pytree of (fully replicated, if multi-host) arrays as NumPy arrays."""
   return jax.tree.map(_fetch, tree)
+
+
+def broadcast_from_main(tree: Any) -> Any:
+  """Process 0's value of `tree` (NumPy arrays of equal shapes in every process), everywhere.
+
+  What a process decides alone (the sampler's picks, the candidate draw, a resumed labelled
+  set) can differ between hosts: GPU reductions that are not deterministic, per-host
+  autotuning, a host that read another file. Broadcasting process 0's value makes it one value
+  for the whole run, and no run dies for a rounding difference. A no-op in one process.
+
+  Args:
+    tree: pytree of arrays with the same shapes and dtypes in every process.
+  Returns:
+    The pytree as NumPy arrays, equal in every process to process 0's.
+  """
+  tree = jax.tree.map(np.asarray, tree)
+  if jax.process_count() == 1:
+    return tree
+  # The collective runs in JAX's default int/float width: restore each leaf's own dtype.
+  out = multihost_utils.broadcast_one_to_all(tree)
+  return jax.tree.map(lambda x, mine: np.asarray(x).astype(mine.dtype), out, tree)
+
