@@ -8,11 +8,14 @@
 Subcommands are rows of `COMMANDS`: name -> (one-line help, `add_arguments(parser)`,
 `run(args) -> exit code`). Bad input is one line on stderr, `jax-seqgcn CMD: error: ...`, and
 exit code 2; a run that fails after the checks (e.g. a diverged learner, a full disk) exits 1.
+Run as a program, SIGTERM stops it like Ctrl-C (exit code 143): its temporary files and locks
+are removed on the way out, and nothing half-written is left as an output.
 """
 
 import argparse
 import ast
 import os
+import signal
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,6 +30,20 @@ class _Parser(argparse.ArgumentParser):
 
   def error(self, message):
     self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+  """`message` on one line: its lines joined with "; " (a list's "- " markers dropped)."""
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  lines = [line[2:] if line.startswith("- ") else line for line in lines]
+  if len(lines) > 1 and lines[0].endswith(":"):
+    return f"{lines[0]} " + "; ".join(lines[1:])
+  return "; ".join(lines)
+
+
+def _stop_on_sigterm(signum, frame):  # pylint: disable=unused-argument
+  print(f"{PROG}: stopped by signal {signum}; cleaning up", file=sys.stderr, flush=True)
+  raise SystemExit(128 + signum)
 
 
 def _positive_int(text: str) -> int:
@@ -95,11 +112,13 @@ def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--option", action="append", default=[], type=parse_option,
                       metavar="NAME=VALUE",
                       help="sampler option over its default, repeatable (e.g. steps=100, "
-                           "s_margin=0.2); checked by the sampler")
-  parser.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+                           "s_margin=0.2); checked by the sampler, and bounded (e.g. steps <= "
+                           "10**6, hidden <= 65536; see docs/own_data.md)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="PRNG seed, an integer in [0, 2**32 - 1] (default 0)")
   parser.add_argument("--force", action="store_true",
-                      help="replace an existing PICKS.csv (and workdir); without it they are "
-                           "refused")
+                      help="replace an existing PICKS.csv (and a workdir holding only what "
+                           "select wrote there); without it they are refused")
   learner = parser.add_argument_group("with --images")
   # Defaults are filled in by _run_select, so that these flags given with --features are errors.
   defaults = own_data.IMAGE_DEFAULTS
@@ -108,7 +127,8 @@ def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
   learner.add_argument("--epochs", type=_positive_int,
                        help=f"training epochs (default {defaults['epochs']})")
   learner.add_argument("--batch_size", type=_positive_int,
-                       help=f"training batch size (default {defaults['batch_size']})")
+                       help=f"training batch size (default {defaults['batch_size']}); "
+                            "lowered to the number of labelled images where it is larger")
   learner.add_argument("--learning_rate", type=_positive_float,
                        help="SGD learning rate, x0.1 at 80%% of the epochs (default "
                             f"{defaults['learning_rate']})")
@@ -181,16 +201,18 @@ def main(argv: Optional[List[str]] = None) -> int:
   if argv is None:  # run as a program (not called from Python): see host_memory
     from jax_seqgcn.runtime import host_memory  # pylint: disable=g-import-not-at-top
     host_memory.reexec_with_hugepages()
+    # SIGTERM unwinds like Ctrl-C, so `finally` blocks remove temporary folders and locks.
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
   from jax_seqgcn.data import folder  # pylint: disable=g-import-not-at-top
   from jax_seqgcn.experiment import loop  # pylint: disable=g-import-not-at-top
   prefix = f"{PROG} {args.command}: error:"
   try:
     return COMMANDS[args.command][2](args)
   except (folder.InputError, loop.ConfigError) as err:
-    print(f"{prefix} {err}", file=sys.stderr)
+    print(f"{prefix} {one_line(err)}", file=sys.stderr)
     return USAGE_ERROR
   except (loop.RunError, OSError) as err:
-    print(f"{prefix} {err}", file=sys.stderr)
+    print(f"{prefix} {one_line(err)}", file=sys.stderr)
     return RUN_ERROR
 
 

@@ -22,13 +22,17 @@ Deliberate choices:
   with the sampler's key, which trains the GCN a second time). Random, CoreSet, CoreGCN,
   FeatProp and BADGE pick sets (random, k-center, k-medoids, k-means++), and VAAL keeps its
   discriminator's scores inside the sampler: no column.
-* Outputs are written only after every check and the whole computation succeeded: PICKS.csv
-  atomically (tmp file + rename); an existing one is refused unless `force` (which replaces a
-  workdir only if it holds `select.json`: never a folder of other files). The images form
-  also keeps a workdir (default PICKS.workdir next to PICKS.csv): `config.json` (resolved
-  config), `select.json` (class names, image ids in index order, labelled and picked ids,
-  scores, seconds), `picks.csv` and `checkpoints/` (the trained learner, orbax), built in a
-  hidden folder and renamed into place; `load_learner(workdir)` reads it back.
+* Outputs are written only after every check and the whole computation succeeded, each locked
+  for the run and written atomically (`apps.outputs`): PICKS.csv, and for the images form a
+  workdir (default PICKS.workdir next to PICKS.csv) with `config.json` (resolved config),
+  `select.json` (class names, image ids in index order, labelled and picked ids, scores,
+  seconds), `picks.csv`, `checkpoints/` (the trained learner, orbax) and `MANIFEST` (every file
+  and folder select wrote there); `load_learner(workdir)` reads it back. An existing output is
+  refused unless `force`, and `force` replaces a workdir only if everything in it is listed in
+  its manifest.
+* Sanity bounds (`check_seed`, `OPTION_LIMITS`, the batch size): a seed outside [0, 2**32)
+  and absurd sampler option values are refused up front; a batch size larger than the labelled
+  set is lowered to it (said once on the progress stream).
 """
 
 import csv
@@ -47,6 +51,7 @@ import numpy as np
 
 from jax_seqgcn import models
 from jax_seqgcn import samplers
+from jax_seqgcn.apps import outputs
 from jax_seqgcn.data import datasets as data_lib
 from jax_seqgcn.data import folder
 from jax_seqgcn.data.folder import InputError
@@ -60,7 +65,23 @@ from jax_seqgcn.selection import graph
 IMAGE_DEFAULTS = dict(learner="small_cnn", epochs=15, batch_size=64, learning_rate=0.05)
 # Pool fields only a trained learner gives.
 _LEARNER_FIELDS = ("probabilities", "predicted_losses", "images")
-_WORKDIR_SUFFIX = ".workdir"
+# Part of the select API, kept where it always was: see `outputs`.
+MANIFEST = outputs.MANIFEST
+output_lock = outputs.output_lock
+default_workdir = outputs.default_workdir
+# Seeds are 32-bit: jax.random.key folds wider ones (-1, 2**32 - 1 and 2**64 - 1 gave one key).
+SEED_RANGE = 2 ** 32
+# Upper bounds on sampler options in `jax-seqgcn select` (option -> (bound, why)); the registry's
+# own checks (`Sampler.check`) only ask for a positive value. Values beyond these ran out of
+# memory or ran for days in a probe; they belong in the registry's checks.
+OPTION_LIMITS: Dict[str, Tuple[int, str]] = {
+    "steps": (10 ** 6, "full-graph GCN training steps, each kept as a loss value"),
+    "hidden": (65536, "GCN hidden width: one [nodes, hidden] array per layer"),
+    "vaal_epochs": (10 ** 4, "VAAL training epochs over the whole pool"),
+    "vaal_batch_size": (65536, "VAAL batch size"),
+    "vaal_latent_dim": (65536, "VAAL latent size"),
+    "vaal_width": (8, "VAAL channel multiplier: compute grows as its square"),
+}
 
 
 def _gcn_scores(architecture):
@@ -110,13 +131,28 @@ def resolve_sampler(name: str, options: Optional[Mapping[str, Any]] = None):
   """(sampler, options over its registry defaults), checked by the sampler's own checks.
 
   Raises:
-    InputError: an unknown sampler, an option it does not take, or a bad option value.
+    InputError: an unknown sampler, an option it does not take, a bad option value, or one
+      above its `OPTION_LIMITS` bound.
   """
   try:
     sampler = samplers.get_sampler(name)
-    return sampler, sampler.resolve_options(dict(options or {}))
+    resolved = sampler.resolve_options(dict(options or {}))
   except ValueError as err:
     raise InputError(str(err)) from None
+  for option, (bound, what) in OPTION_LIMITS.items():
+    value = resolved.get(option)
+    if isinstance(value, (int, float, np.integer, np.floating)) and value > bound:
+      raise InputError(f"sampler {sampler.name}: option {option}={value!r} is out of range for "
+                       f"jax-seqgcn select: at most {bound} ({what})")
+  return sampler, resolved
+
+
+def check_seed(seed) -> None:
+  """InputError unless `seed` is an int in [0, 2**32) (wider seeds wrap: -1 == 2**32 - 1)."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+      0 <= seed < SEED_RANGE):
+    raise InputError(f"the seed must be an integer in [0, {SEED_RANGE - 1}] (32 bits), got "
+                     f"{seed!r}")
 
 
 def sample(sampler, key: jax.Array, pool: samplers.Pool, budget: int,
@@ -141,45 +177,6 @@ def check_budget(budget, num_unlabelled: int, where: str) -> None:
                      f"examples ({where})")
 
 
-def _check_outputs(out, workdir, labels_path, force: bool, images_dir=None):
-  """(out, workdir) as absolute paths; InputError for an output that must not be replaced.
-
-  `force` replaces an existing `out`, and an existing workdir only if it is one of ours (holds
-  `select.json`) and holds none of the inputs: never a folder of other files.
-  """
-  out = pathlib.Path(os.path.abspath(out))
-  if out == pathlib.Path(os.path.abspath(labels_path)):
-    raise InputError(f"{out}: the output would overwrite the labels file; choose another --out")
-  if out.is_dir():
-    raise InputError(f"{out}: is a folder; --out must be a file name such as picks.csv")
-  if out.exists() and not force:
-    raise InputError(f"{out} exists; pass --force to replace it, or choose another --out")
-  if workdir is None:
-    return out, None
-  workdir = pathlib.Path(os.path.abspath(workdir))
-  for kind, path in (("--out", out), ("--labels", labels_path), ("--images", images_dir)):
-    path = None if path is None else pathlib.Path(os.path.abspath(path))
-    if path is not None and (path == workdir or workdir in path.parents):
-      raise InputError(f"{workdir}: the workdir would hold {kind} {path}; choose another "
-                       "--workdir")
-  if workdir.exists() and not workdir.is_dir():
-    raise InputError(f"{workdir}: exists and is not a folder; choose another --workdir")
-  if workdir.exists() and any(workdir.iterdir()):
-    if not force:
-      raise InputError(f"{workdir} exists; pass --force to replace it, or choose another "
-                       "--workdir")
-    if not (workdir / "select.json").is_file():
-      raise InputError(f"{workdir} exists and is not a workdir of jax-seqgcn select (no "
-                       "select.json); not replacing it, even with --force")
-  return out, workdir
-
-
-def default_workdir(out) -> pathlib.Path:
-  """PICKS.csv -> PICKS.workdir (next to it)."""
-  out = pathlib.Path(out)
-  return out.with_name(out.stem + _WORKDIR_SUFFIX)
-
-
 def picks_csv_text(picks: Picks) -> str:
   """The PICKS.csv text: header `rank,id[,score]`, one row per pick, rank from 1."""
   text = io.StringIO()
@@ -189,17 +186,6 @@ def picks_csv_text(picks: Picks) -> str:
     writer.writerow([rank, id_] + ([] if picks.scores is None
                                    else [f"{picks.scores[rank - 1]:.7g}"]))
   return text.getvalue()
-
-
-def write_atomically(path: pathlib.Path, text: str) -> None:
-  """Writes `text` to a hidden temporary file next to `path`, then renames it into place."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
 
 
 def select_features_file(features_path, labels_path, budget: int, sampler_name: str, out, *,
@@ -215,15 +201,17 @@ def select_features_file(features_path, labels_path, budget: int, sampler_name: 
       UncertainGCN, CoreGCN, UncertainDiscriminator, FeatProp.
     out: the PICKS.csv to write.
     options: sampler options over the registry defaults.
-    seed: the sampler's key is `jax.random.key(seed)`.
+    seed: in [0, 2**32); the sampler's key is `jax.random.key(seed)`.
     force: replace an existing `out`.
     stream: progress output (None: stdout).
   Returns:
     `Picks` with row indices as ids.
   Raises:
-    InputError: any bad input, before the sampler runs; nothing is written.
+    InputError: any bad input, before the sampler runs; another select writing `out`; an
+      output folder that cannot be written; nothing is written.
   """
-  out, _ = _check_outputs(out, None, labels_path, force)
+  check_seed(seed)
+  out, _ = outputs.check_outputs(out, None, labels_path, force)
   sampler, options = resolve_sampler(sampler_name, options)
   needs_learner = sorted(sampler.needs & set(_LEARNER_FIELDS))
   if needs_learner:
@@ -232,20 +220,23 @@ def select_features_file(features_path, labels_path, budget: int, sampler_name: 
                      "features file does not give: pass --images DIR (trains a learner on the "
                      "labelled images and computes them), or use a sampler that needs only "
                      f"features ({', '.join(usable)})")
-  features = folder.load_features(features_path)
-  labels = folder.read_labels(labels_path)
-  labelled = folder.row_indices(labels, len(features))
-  mask = np.zeros(len(features), bool)
-  mask[labelled] = True
-  check_budget(budget, int((~mask).sum()), f"{len(features)} rows in {features_path}, "
-               f"{len(labelled)} labelled in {labels_path}")
-  _say(stream, f"sampling: {sampler.name} on {len(features)} rows ({len(features) - len(labelled)}"
-               f" unlabelled), {budget} picks")
-  start = time.perf_counter()
-  pool = samplers.Pool(mask, **({"features": features} if "features" in sampler.needs else {}))
-  picks, scores = sample(sampler, jax.random.key(seed), pool, budget, options)
-  result = Picks([str(i) for i in picks], scores, PICK_SCORES.get(sampler.name, (None,))[0])
-  write_atomically(out, picks_csv_text(result))
+  with outputs.output_lock(out, "--out"):
+    outputs.check_outputs(out, None, labels_path, force)  # again, holding the output
+    features = folder.load_features(features_path)
+    labels = folder.read_labels(labels_path)
+    labelled = folder.row_indices(labels, len(features))
+    mask = np.zeros(len(features), bool)
+    mask[labelled] = True
+    check_budget(budget, int((~mask).sum()), f"{len(features)} rows in {features_path}, "
+                 f"{len(labelled)} labelled in {labels_path}")
+    outputs.remove_leftovers(out, stream)
+    _say(stream, f"sampling: {sampler.name} on {len(features)} rows "
+                 f"({len(features) - len(labelled)} unlabelled), {budget} picks")
+    start = time.perf_counter()
+    pool = samplers.Pool(mask, **({"features": features} if "features" in sampler.needs else {}))
+    picks, scores = sample(sampler, jax.random.key(seed), pool, budget, options)
+    result = Picks([str(i) for i in picks], scores, PICK_SCORES.get(sampler.name, (None,))[0])
+    outputs.write_atomically(out, picks_csv_text(result))
   _say(stream, f"sampling: done in {time.perf_counter() - start:.1f} s; wrote {out}")
   return result
 
@@ -305,72 +296,100 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
     sampler_name: any registered sampler.
     out: the PICKS.csv to write (ids: relative paths).
     learner: "small_cnn", "resnet18" or "vgg11".
-    epochs, batch_size, learning_rate: the learner's training (see `images_config`).
+    epochs, batch_size, learning_rate: the learner's training (see `images_config`); a batch
+      size above the labelled count is lowered to it (said on `stream`).
     image_size: None (one size for all images) or S: resize every image to S x S.
     options: sampler options over the registry defaults.
-    seed: `train_key, sampler_key = jax.random.split(jax.random.key(seed))`.
-    workdir: where the trained learner and the round's record go; None: `default_workdir(out)`.
+    seed: in [0, 2**32); `train_key, sampler_key = jax.random.split(jax.random.key(seed))`.
+    workdir: where the trained learner and the round's record go; None:
+      `default_workdir(out)`.
     force: replace an existing `out` and workdir.
     stream: progress output (None: stdout).
   Returns:
     `Picks` with relative image paths as ids.
   Raises:
-    InputError: any bad input, before training; nothing is written.
+    InputError: any bad input, before training; another select writing `out` or the workdir;
+      an output folder that cannot be written; nothing is written.
     loop.RunError: the learner diverged; nothing is written.
   """
-  workdir = default_workdir(out) if workdir is None else workdir
-  out, workdir = _check_outputs(out, workdir, labels_path, force, images_dir)
+  check_seed(seed)
+  workdir = outputs.default_workdir(out) if workdir is None else workdir
+  out, workdir = outputs.check_outputs(out, workdir, labels_path, force, images_dir)
   sampler, options = resolve_sampler(sampler_name, options)
   if learner not in models.LEARNERS or learner == "deepprior":
     raise InputError(f"unknown learner {learner!r}; valid: small_cnn, resnet18, vgg11")
-  labels = folder.read_labels(labels_path)
-  ids = folder.list_images(images_dir, exclude=(labels_path, out, workdir))
-  _say(stream, f"reading {len(ids)} image files under {images_dir}")
-  start = time.perf_counter()
-  images = folder.read_images(
-      images_dir, ids, image_size=image_size,
-      progress=lambda done, total: _say(stream, f"reading images: {done}/{total}"))
-  read_s = time.perf_counter() - start
-  labelled = folder.image_indices(labels, ids, directory=images_dir)
-  class_names, targets = folder.classes(labels)
-  unlabelled = np.setdiff1d(np.arange(len(ids)), labelled)
-  check_budget(budget, len(unlabelled), f"{len(ids)} images in {images_dir}, {len(labelled)} "
-               f"labelled in {labels_path}")
-  config = images_config(
-      sampler_name=sampler.name, options=options, learner=learner, epochs=epochs,
-      batch_size=batch_size, learning_rate=learning_rate, seed=seed, budget=budget,
-      num_labelled=len(labelled), num_unlabelled=len(unlabelled), images_dir=images_dir,
-      labels_path=labels_path, image_size=image_size)
-  try:
-    loop.validate_config(config, pool_size=len(ids), in_memory=True)
-    models.check_input_shape(learner, images.shape[1:])
-  except ValueError as err:
-    raise InputError(str(err)) from None
-  all_targets = np.full(len(ids), -1, np.int32)  # unlabelled: never read by the training
-  all_targets[labelled] = targets
-  dataset = data_lib.Dataset(images, all_targets, images[:0], all_targets[:0],
-                             len(class_names), "folder")
-  _say(stream, f"data: {len(ids)} images {'x'.join(map(str, images.shape[1:]))}, "
-               f"{len(labelled)} labelled ({len(class_names)} classes), {len(unlabelled)} "
-               "unlabelled")
-  staging = workdir.with_name(f".{workdir.name}.tmp-{os.getpid()}")
-  shutil.rmtree(staging, ignore_errors=True)
-  try:
-    result, seconds = _train_and_sample(config, staging, dataset, labelled, unlabelled, ids,
-                                        stream)
-    record = dict(classes=class_names, image_shape=list(images.shape[1:]), ids=ids,
-                  labelled=[ids[i] for i in labelled], picks=result.ids,
-                  scores=None if result.scores is None else result.scores.tolist(),
-                  score=result.score_meaning, seconds=dict(read=read_s, **seconds))
-    (staging / "select.json").write_text(json.dumps(record, indent=1) + "\n")
-    (staging / "picks.csv").write_text(picks_csv_text(result))
-    workdir_lib.write_config(staging, workdir_lib.config_to_dict(config))
-    _replace_folder(staging, workdir)
-  finally:
+  with outputs.output_lock(out, "--out"), outputs.output_lock(workdir, "--workdir"):
+    # Again, holding both outputs: nobody else can create or replace them from here on.
+    outputs.check_outputs(out, workdir, labels_path, force, images_dir)
+    labels = folder.read_labels(labels_path)
+    ids = folder.list_images(images_dir, exclude=(labels_path, out, workdir))
+    _say(stream, f"reading {len(ids)} image files under {images_dir}")
+    start = time.perf_counter()
+    images = folder.read_images(
+        images_dir, ids, image_size=image_size,
+        progress=lambda done, total: _say(stream, f"reading images: {done}/{total}"))
+    read_s = time.perf_counter() - start
+    labelled = folder.image_indices(labels, ids, directory=images_dir)
+    class_names, targets = folder.classes(labels)
+    unlabelled = np.setdiff1d(np.arange(len(ids)), labelled)
+    check_budget(budget, len(unlabelled), f"{len(ids)} images in {images_dir}, "
+                 f"{len(labelled)} labelled in {labels_path}")
+    batch_size = _capped_batch_size(batch_size, len(labelled), stream)
+    config = images_config(
+        sampler_name=sampler.name, options=options, learner=learner, epochs=epochs,
+        batch_size=batch_size, learning_rate=learning_rate, seed=seed, budget=budget,
+        num_labelled=len(labelled), num_unlabelled=len(unlabelled), images_dir=images_dir,
+        labels_path=labels_path, image_size=image_size)
+    try:
+      loop.validate_config(config, pool_size=len(ids), in_memory=True)
+      models.check_input_shape(learner, images.shape[1:])
+    except ValueError as err:
+      raise InputError(str(err)) from None
+    all_targets = np.full(len(ids), -1, np.int32)  # unlabelled: never read by the training
+    all_targets[labelled] = targets
+    dataset = data_lib.Dataset(images, all_targets, images[:0], all_targets[:0],
+                               len(class_names), "folder")
+    _say(stream, f"data: {len(ids)} images {'x'.join(map(str, images.shape[1:]))}, "
+                 f"{len(labelled)} labelled ({len(class_names)} classes), {len(unlabelled)} "
+                 "unlabelled")
+    outputs.remove_leftovers(workdir, stream)
+    outputs.remove_leftovers(out, stream)
+    staging = workdir.with_name(f".{workdir.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-  write_atomically(out, picks_csv_text(result))
+    try:
+      result, seconds = _train_and_sample(config, staging, dataset, labelled, unlabelled, ids,
+                                          stream)
+      record = dict(classes=class_names, image_shape=list(images.shape[1:]), ids=ids,
+                    labelled=[ids[i] for i in labelled], picks=result.ids,
+                    scores=None if result.scores is None else result.scores.tolist(),
+                    score=result.score_meaning, seconds=dict(read=read_s, **seconds))
+      (staging / "select.json").write_text(json.dumps(record, indent=1) + "\n")
+      (staging / "picks.csv").write_text(picks_csv_text(result))
+      workdir_lib.write_config(staging, workdir_lib.config_to_dict(config))
+      outputs.write_manifest(staging)
+      outputs.replace_folder(staging, workdir)
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+    outputs.write_atomically(out, picks_csv_text(result))
   _say(stream, f"wrote {out} ({budget} picks) and {workdir}")
   return result
+
+
+def _capped_batch_size(batch_size: int, num_labelled: int, stream) -> int:
+  """`batch_size`, or the labelled count (rounded up to the devices) where that is smaller.
+
+  The training pads the labelled set up to whole batches, so a batch far above it costs memory
+  for nothing (a batch of 10**6 ran out of memory); one batch of every labelled image is the
+  same epoch.
+  """
+  devices = jax.device_count()
+  cap = -(-num_labelled // devices) * devices
+  if isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and (
+      batch_size > cap):
+    _say(stream, f"batch size {batch_size} is larger than the {num_labelled} labelled images: "
+                 f"training with batch size {cap}")
+    return cap
+  return batch_size
 
 
 def _train_and_sample(config, staging, dataset, labelled, unlabelled, ids, stream):
@@ -404,15 +423,6 @@ def _train_and_sample(config, staging, dataset, labelled, unlabelled, ids, strea
   result = Picks([ids[i] for i in nodes[picks]], scores,
                  PICK_SCORES.get(setup.sampler.name, (None,))[0])
   return result, dict(train=train_s, embed=embed_s, sample=sample_s)
-
-
-def _replace_folder(new: pathlib.Path, target: pathlib.Path) -> None:
-  """Renames `new` to `target`, replacing an existing `target` (moved aside, then deleted)."""
-  old = target.with_name(f".{target.name}.old-{os.getpid()}")
-  if target.exists():
-    os.replace(target, old)
-  os.replace(new, target)
-  shutil.rmtree(old, ignore_errors=True)
 
 
 def load_learner(workdir) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:

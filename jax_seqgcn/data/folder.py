@@ -1,12 +1,16 @@
 """Own data on disk: a labels CSV and a folder of image files, read and checked before any work.
 
 * `read_labels(path)`: a CSV with the header `id,label` (further columns are ignored); one row
-  per labelled example. Labels are any non-empty strings (class names).
+  per labelled example. Labels are any non-empty strings (class names) without line breaks: a
+  row that runs over several lines (a quoted field with a line break, usually an unclosed quote
+  that would swallow the rows after it) is refused, naming its first line.
 * `row_indices(labels, num_rows)`: the ids as row indices of a features array.
 * `list_images(directory)` / `read_images(directory, ids)`: every PNG or JPEG file under
   `directory` (any depth), ids being paths relative to it with "/" separators, sorted. Hidden
   files and folders (names starting with ".") are skipped; any other file must be a readable
-  PNG or JPEG image, so a stray or broken file is an error rather than silently left out.
+  PNG or JPEG image, so a stray or broken file is an error rather than silently left out. A
+  file that is not a regular file (a named pipe, a device, a socket, a broken link) is refused
+  too, checked with `os.stat` and never opened (reading a named pipe would wait forever).
   Grayscale images give one channel; if any image is RGB (or has a palette), every image is
   converted to RGB (grayscale repeated, alpha dropped). Sizes must agree unless `image_size`
   resizes every image to image_size x image_size (bilinear, aspect ratio not kept).
@@ -14,7 +18,9 @@
 * `classes(labels)`: class names in sorted order and [L] int32 class indices.
 * `load_features(path)`: a `.npy` [N, D] array (or `.npz` with `features`), finite.
 
-Every problem is an `InputError` naming the file and, for the CSV, the line.
+Every input file is opened with `open_regular`: anything but a regular file (or a link to one)
+is refused before a byte is read. Every problem is an `InputError` naming the file and, for the
+CSV, the line.
 """
 
 import csv
@@ -23,6 +29,8 @@ import os
 import pathlib
 import posixpath
 import re
+import stat
+import zipfile
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,10 +41,66 @@ IMAGE_FORMATS = ("PNG", "JPEG", "MPO")
 _GRAY_MODES = ("1", "L", "LA")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 _ROW_INDEX = re.compile(r"[0-9]+")
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class InputError(ValueError):
   """Bad input files (named in the message, with the line where it applies); nothing is done."""
+
+
+def file_kind(mode: int) -> str:
+  """What an `os.stat` mode is, in words ("a regular file", "a named pipe", ...)."""
+  for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                     (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                     (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+    if test(mode):
+      return kind
+  return "not a regular file"
+
+
+def _not_regular(path, mode: int, hint: str) -> InputError:
+  return InputError(f"{os.fspath(path)}: {file_kind(mode)}, not a regular file (never opened: "
+                    f"reading a named pipe or a device can wait forever); {hint}")
+
+
+def check_regular(path, hint: str) -> None:
+  """InputError (ending with `hint`) unless `path` is a regular file or a link to one.
+
+  Looks with `os.stat`, never opens.
+  """
+  try:
+    mode = os.stat(path).st_mode
+  except FileNotFoundError:
+    kind = "a broken symbolic link" if os.path.islink(path) else "gone (removed meanwhile?)"
+    raise InputError(f"{os.fspath(path)}: {kind}; {hint}") from None
+  if not stat.S_ISREG(mode):
+    raise _not_regular(path, mode, hint)
+
+
+def open_regular(path, mode: str = "rb", *, what: str = "input file", **kwargs):
+  """`open(path, mode, **kwargs)` for reading, refusing anything but a regular file.
+
+  The file is opened non-blocking (so a named pipe cannot hang the open) and checked with
+  `fstat` before a byte is read; `what` names it in the error ("labels CSV").
+
+  Raises:
+    InputError: `path` is a named pipe, device, socket or folder.
+    OSError: as `open` (FileNotFoundError for a missing file).
+  """
+  def opener(name, flags):
+    fd = os.open(name, flags | getattr(os, "O_NONBLOCK", 0))
+    try:
+      file_mode = os.fstat(fd).st_mode
+    except BaseException:
+      os.close(fd)
+      raise
+    if not stat.S_ISREG(file_mode):
+      os.close(fd)
+      raise _not_regular(path, file_mode, f"the {what} must be a regular file")
+    return fd
+
+  return open(path, mode, opener=opener, **kwargs)  # pylint: disable=unspecified-encoding
 
 
 class Labels(NamedTuple):
@@ -60,15 +124,19 @@ def read_labels(path) -> Labels:
   Blank lines are skipped. A header-only file means "nothing labelled yet".
 
   Raises:
-    InputError: missing file, undecodable text, a header that does not start with `id,label`,
-      a row with fewer than two fields or an empty id or label (naming the line).
+    InputError: missing file or not a regular file, undecodable text, a header that does not
+      start with `id,label`, a row with fewer than two fields or an empty id or label, a row
+      over several lines (a field with a line break: usually an unclosed quote, which would
+      swallow the rows after it into one field), naming the line.
   """
   path = os.fspath(path)
   try:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      rows = [(reader.line_num, row) for reader in [csv.reader(f)] for row in reader]
+    with open_regular(path, "r", what="labels CSV", newline="", encoding="utf-8-sig") as f:
+      rows = _csv_rows(path, f)
   except FileNotFoundError:
     raise InputError(f"{path}: no such labels file") from None
+  except InputError:
+    raise
   except (OSError, UnicodeDecodeError, csv.Error) as err:
     raise InputError(f"{path}: cannot read the labels CSV ({err})") from None
   rows = [(line, [field.strip() for field in row]) for line, row in rows if any(row)]
@@ -85,6 +153,21 @@ def read_labels(path) -> Labels:
     labels.append(row[1])
     lines.append(line)
   return Labels(path, ids, labels, lines)
+
+
+def _csv_rows(path: str, f) -> List[Tuple[int, List[str]]]:
+  """(line, fields) per CSV row; InputError for a row the csv module merged over lines."""
+  reader = csv.reader(f)
+  rows, previous = [], 0
+  for row in reader:
+    first = previous + 1
+    if reader.line_num > first or any("\n" in field or "\r" in field for field in row):
+      raise InputError(f"{path} line {first}: a quoted field runs over lines {first}-"
+                       f"{reader.line_num} (an unclosed quote?); ids and labels cannot hold line "
+                       "breaks: close the quote or remove it")
+    rows.append((reader.line_num, row))
+    previous = reader.line_num
+  return rows
 
 
 def _indices(labels: Labels, lookup: Callable[[str, int], int]) -> np.ndarray:
@@ -132,7 +215,8 @@ def list_images(directory, *, exclude: Iterable = ()) -> List[str]:
     directory: the image folder.
     exclude: files or folders to leave out (e.g. the labels CSV or outputs kept inside it).
   Raises:
-    InputError: `directory` is not a folder, or holds no files.
+    InputError: `directory` is not a folder, holds no files, or holds something that is not a
+      regular file (a named pipe, a device, a socket, a broken link: never opened).
   """
   root = pathlib.Path(directory)
   if not root.is_dir():
@@ -142,8 +226,13 @@ def list_images(directory, *, exclude: Iterable = ()) -> List[str]:
   for folder, subfolders, files in os.walk(root):
     here = pathlib.Path(os.path.abspath(folder))
     subfolders[:] = [d for d in subfolders if not _skipped(here / d, excluded)]
-    found += [(pathlib.Path(folder) / name).relative_to(root).as_posix()
-              for name in files if not _skipped(here / name, excluded)]
+    for name in files:
+      if _skipped(here / name, excluded):
+        continue
+      path = pathlib.Path(folder) / name
+      check_regular(path, "every file in the image folder must be a PNG or JPEG image "
+                          "(hidden files aside): move it out")
+      found.append(path.relative_to(root).as_posix())
   if not found:
     raise InputError(f"{directory}: no image files found (PNG or JPEG, any folder depth)")
   return sorted(found)
@@ -156,7 +245,7 @@ def _open(path: str, image_size: Optional[int]):
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top (only this module needs Pillow)
   try:
-    with Image.open(path) as image:
+    with open_regular(path, "rb", what="PNG or JPEG image") as f, Image.open(f) as image:
       if image.format not in IMAGE_FORMATS:
         raise InputError(f"{path}: a {image.format} image; only PNG and JPEG files are read "
                          "(convert it, or move it out of the folder)")
@@ -261,12 +350,19 @@ def load_features(path) -> np.ndarray:
   Returns:
     [N, D] float32.
   Raises:
-    InputError: a missing or unreadable file, no `features` array, a rank other than 2, a
-      non-numeric dtype, fewer than 2 rows, or NaN/inf (naming the first bad rows).
+    InputError: a missing or unreadable file, not a regular file, not a .npy/.npz file (by its
+      first bytes), an object array, no `features` array, a rank other than 2, a non-numeric
+      dtype, fewer than 2 rows, or NaN/inf (naming the first bad rows).
   """
   path = os.fspath(path)
   try:
-    with open(path, "rb") as f:
+    with open_regular(path, "rb", what="features file") as f:
+      head = f.read(16)  # the magic, and enough to show what the file is instead
+      f.seek(0)
+      if not head.startswith(_NPY_MAGIC) and not head.startswith(_ZIP_MAGIC):
+        found = "an empty file" if not head else f"it starts with {head!r}"
+        raise InputError(f"{path}: not a NumPy .npy or .npz file ({found}); save the features "
+                         "with np.save(path, array) or np.savez(path, features=array)")
       loaded = np.load(f, allow_pickle=False)
       if isinstance(loaded, np.lib.npyio.NpzFile):
         if "features" not in loaded.files:
@@ -278,7 +374,12 @@ def load_features(path) -> np.ndarray:
     raise InputError(f"{path}: no such features file") from None
   except InputError:
     raise
-  except (OSError, ValueError, EOFError) as err:
+  except ValueError as err:
+    if "pickle" in str(err):  # numpy's words for an object array
+      raise InputError(f"{path}: an array of Python objects (dtype object, stored pickled), "
+                       "which is never loaded; save a numeric [N, D] array") from None
+    raise InputError(f"{path}: not a readable .npy/.npz array ({err})") from None
+  except (OSError, EOFError, zipfile.BadZipFile) as err:
     raise InputError(f"{path}: not a readable .npy/.npz array ({err})") from None
   if loaded.ndim != 2:
     raise InputError(f"{path}: features must be [N, D] (rank 2), got shape {loaded.shape}")
