@@ -3,6 +3,11 @@
   python experiments/plot.py runs/random runs/coregcn ... --out docs/curve.png [--table docs/x.md]
 
 Each run is labelled by its sampler name (from its config.json) unless --labels is given.
+The table has a row per cycle and a column per run (mean ± sample std over trials), and a last
+row with each run's AUBC, the area under its budget curve (`results.aubc`: the metric's mean level
+over the labelled range; mean ± sample std of the per-trial AUBCs; for runs added with --summaries
+the AUBC of their mean curve, with no std). The AUBCs are also printed one per line after the
+table, best first.
 """
 
 import argparse
@@ -54,6 +59,23 @@ def main():
   if args.table:
     pathlib.Path(args.table).write_text(table)
   print(table)
+  print(aubc_ranking(runs, scale=scale, lower_is_better=task != "classification"))
+
+
+def aubc_ranking(runs, *, scale: float, lower_is_better: bool) -> str:
+  """One line per run, best AUBC first (± std where per-trial records are at hand)."""
+  rows = []
+  for label, run in runs.items():
+    run = list(run)
+    if run and isinstance(run[0], results.CycleSummary):
+      value = results.aubc_of_mean_curve(run)
+      rows.append((value, f"{label}: {value * scale:.2f} (AUBC of the mean curve)"))
+    elif run:
+      mean, std, trials = results.summarize_aubc(run)
+      spread = "" if trials < 2 else f" ± {std * scale:.2f}"
+      rows.append((mean, f"{label}: {mean * scale:.2f}{spread} ({trials} trials)"))
+  rows.sort(key=lambda r: r[0], reverse=not lower_is_better)
+  return "AUBC, best first:\n" + "\n".join(line for _, line in rows)
 
 
 if __name__ == "__main__":

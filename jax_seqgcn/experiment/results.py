@@ -2,12 +2,14 @@
 
 A run's `results.jsonl` holds one `Record` per trial x cycle. `summarize` groups them by cycle;
 `markdown_table` and `plot_curves` compare one or more runs (e.g. one workdir per sampler).
+`aubc`, `aubc_by_trial` and `summarize_aubc` give the one-number summary of a learning curve that
+active learning benchmarks compare (the area under the budget curve, as DeepAL+ reports it).
 """
 
 import json
 import os
 import pathlib
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -79,10 +81,101 @@ def summarize(records: Sequence[Record]) -> List[CycleSummary]:
   return out
 
 
+class AubcSummary(NamedTuple):
+  """Mean and sample std (ddof=1; NaN for a single trial, as `CycleSummary`) of per-trial AUBCs."""
+  mean: float
+  std: float
+  trials: int
+
+
+def _area_over_range(n_labelled: Sequence[float], metric: Sequence[float]) -> float:
+  """Trapezoid area under metric(n_labelled) / (last - first count); the mean if the range is 0."""
+  x = np.asarray(n_labelled, np.float64)
+  y = np.asarray(metric, np.float64)
+  width = x[-1] - x[0]
+  if width == 0:
+    return float(y.mean())
+  return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / width)
+
+
+def aubc(records: Sequence[Record]) -> float:
+  """Area under the budget curve of one trial: its metric against the labelled count.
+
+  The trapezoid area under the test metric as a function of `n_labelled`, divided by the
+  labelled range (last count - first count), so a curve flat at 0.8 scores 0.8: AUBC is the
+  curve's mean level over the budget range, in the metric's units. For classification (accuracy
+  in [0, 1]) higher is better; for regression (the metric is the mean joint error) it is the mean
+  error over the budget range, and lower is better. A single-cycle trial (range 0, e.g. the upper
+  bound) scores its only metric value.
+
+  Args:
+    records: the records of one trial, in any order (sorted here by cycle).
+  Returns:
+    The AUBC, a float in the metric's units.
+  Raises:
+    ValueError: no records, records of several trials, or a cycle twice.
+  """
+  records = sorted(records, key=lambda r: r.cycle)
+  if not records:
+    raise ValueError("aubc needs at least one record")
+  trials = sorted({r.trial for r in records})
+  if len(trials) > 1:
+    raise ValueError(f"aubc takes the records of one trial; got trials {trials} "
+                     "(use aubc_by_trial)")
+  cycles = [r.cycle for r in records]
+  if len(set(cycles)) != len(cycles):
+    raise ValueError(f"trial {trials[0]} has a cycle twice: cycles {cycles}")
+  return _area_over_range([r.n_labelled for r in records], [r.metric for r in records])
+
+
+def aubc_by_trial(records: Sequence[Record]) -> Dict[int, float]:
+  """{trial: AUBC of that trial's curve} (see `aubc`), in trial order (each over its own range)."""
+  by_trial: Dict[int, List[Record]] = {}
+  for r in records:
+    by_trial.setdefault(r.trial, []).append(r)
+  return {trial: aubc(by_trial[trial]) for trial in sorted(by_trial)}
+
+
+def summarize_aubc(records: Sequence[Record]) -> AubcSummary:
+  """Mean ± sample std (ddof=1) of the per-trial AUBCs; std is NaN for a single trial.
+
+  Only complete trials count: those with every cycle that any trial of `records` has (a run still
+  in progress has a last trial that has not reached the end of the budget; its AUBC would cover
+  a shorter range). Unpacks as `(mean, std, trials)`, `trials` being the complete trials counted.
+  """
+  by_trial: Dict[int, set] = {}
+  for r in records:
+    by_trial.setdefault(r.trial, set()).add(r.cycle)
+  if not by_trial:
+    raise ValueError("summarize_aubc needs at least one record")
+  cycles = set().union(*by_trial.values())
+  complete = {t for t, c in by_trial.items() if c == cycles}
+  values = np.asarray([a for t, a in aubc_by_trial(
+      [r for r in records if r.trial in complete]).items()])
+  return AubcSummary(float(values.mean()),
+                     float(values.std(ddof=1)) if len(values) > 1 else float("nan"), len(values))
+
+
+def aubc_of_mean_curve(summaries: Sequence[CycleSummary]) -> float:
+  """AUBC (see `aubc`) of the per-cycle mean curve of a run known only by its `CycleSummary`s.
+
+  AUBC is linear in the metric, so when every trial has the same labelled counts this equals the
+  mean of the per-trial AUBCs; their std over trials cannot be recovered from the summaries.
+  """
+  summaries = sorted(summaries, key=lambda s: s.cycle)
+  if not summaries:
+    raise ValueError("aubc_of_mean_curve needs at least one cycle")
+  return _area_over_range([s.n_labelled for s in summaries], [s.mean for s in summaries])
+
+
+def _is_summaries(run) -> bool:
+  return bool(run) and isinstance(run[0], CycleSummary)
+
+
 def _summaries(run) -> List[CycleSummary]:
   """A run given as records (summarised here) or already as `CycleSummary`s (e.g. a saved table)."""
   run = list(run)
-  if run and isinstance(run[0], CycleSummary):
+  if _is_summaries(run):
     return run
   return summarize(run)
 
@@ -102,9 +195,37 @@ def _cell(s: Optional[CycleSummary], scale: float) -> str:
   return f"{s.mean * scale:.2f} ± {s.std * scale:.2f}"
 
 
-def markdown_table(runs: Dict[str, Sequence[Record]], *, metric_name: str = "accuracy %",
-                   scale: float = 100.0, with_time: bool = True) -> str:
-  """One markdown table: a row per cycle, a column (mean ± std) per run.
+def _aubc_note(from_means: Sequence[str], *, all_means: bool) -> str:
+  """The table's footnote on its AUBC row."""
+  how = ("divided by the labelled range, i.e. the curve's mean level over the budget (higher is "
+         "better for accuracy, lower for an error)")
+  means = ("it equals the mean of the per-trial AUBCs when the trials share their labelled "
+           "counts; the std over trials is not recoverable from the means.")
+  if all_means:
+    return ("AUBC of the mean curve (last row): area under the curve of the per-cycle mean metric "
+            f"against the labelled count (trapezoids), {how}. The runs are known only by their "
+            f"per-cycle means: {means}")
+  note = ("AUBC (last row): area under each trial's curve of the metric against the labelled "
+          f"count (trapezoids), {how}; mean ± sample std over trials.")
+  if from_means:
+    note += (f"\n† AUBC of the mean curve ({', '.join(from_means)}: known only by per-cycle "
+             f"means); {means}")
+  return note
+
+
+def markdown_table(runs: Dict[str, Union[Sequence[Record], Sequence[CycleSummary]]], *,
+                   metric_name: str = "accuracy %", scale: float = 100.0,
+                   with_time: bool = True) -> str:
+  """One markdown table: a row per cycle, a column (mean ± std) per run, and an AUBC row.
+
+  The last row (when the table has more than one cycle) holds each run's AUBC (`aubc`: the area
+  under the metric against the labelled count over the labelled range, i.e. the curve's mean level
+  over the budget), in the same units and scale as the cells above it: mean ± sample std (ddof=1)
+  of the per-trial AUBCs for runs given as records, as `summarize_aubc` (complete trials only;
+  "(k of n trials)" when some trial has not reached the last cycle). A run given only as
+  `CycleSummary`s shows the AUBC of its mean curve (`aubc_of_mean_curve`), with no std; the row is
+  then labelled "AUBC of the mean curve" (every run) or its cells are marked † (some runs). Its
+  "labelled" cell is the table's labelled range; its time cells are empty.
 
   Args:
     runs: {label: records or CycleSummary list}, e.g. {"CoreGCN": read_jsonl(...)}.
@@ -114,6 +235,7 @@ def markdown_table(runs: Dict[str, Sequence[Record]], *, metric_name: str = "acc
   Returns:
     Markdown text.
   """
+  runs = {label: list(rs) for label, rs in runs.items()}
   summaries = {label: {s.cycle: s for s in _summaries(rs)} for label, rs in runs.items()}
   cycles = sorted({c for s in summaries.values() for c in s})
   header = ["cycle", "labelled"] + [f"{label} ({metric_name})" for label in runs]
@@ -127,11 +249,33 @@ def markdown_table(runs: Dict[str, Sequence[Record]], *, metric_name: str = "acc
     if with_time:
       row += [f"{s[c].seconds:.1f}" if c in s else "" for s in summaries.values()]
     lines.append("| " + " | ".join(row) + " |")
+  from_means = [label for label, rs in runs.items() if _is_summaries(rs)]
+  with_aubc = len(cycles) > 1
+  if with_aubc:
+    counts = [s.n_labelled for summ in summaries.values() for s in summ.values()]
+    mark = " †" if from_means and len(from_means) < len(runs) else ""
+    row = ["AUBC of the mean curve" if len(from_means) == len(runs) else "AUBC",
+           f"{min(counts)}-{max(counts)}"]
+    for label, rs in runs.items():
+      if not rs:
+        row.append("")
+      elif label in from_means:
+        row.append(f"{aubc_of_mean_curve(rs) * scale:.2f}{mark}")
+      else:
+        mean, std, complete = summarize_aubc(rs)
+        started = len({r.trial for r in rs})
+        row.append(_cell(CycleSummary(-1, 0, mean, std, 0, 0.0), scale)
+                   + (f" ({complete} of {started} trials)" if complete < started else ""))
+    if with_time:
+      row += [""] * len(runs)
+    lines.append("| " + " | ".join(row) + " |")
   trials = {label: max((s.trials for s in summ.values()), default=0)
             for label, summ in summaries.items()}
   lines.append("")
   lines.append("Mean ± sample standard deviation (ddof=1) over trials; number of trials: "
                + ", ".join(f"{k}: {v}" for k, v in trials.items()) + ".")
+  if with_aubc:
+    lines.append(_aubc_note(from_means, all_means=len(from_means) == len(runs)))
   return "\n".join(lines) + "\n"
 
 
