@@ -36,6 +36,10 @@ def get_config():
   # "float32" or "bfloat16" (activations/convolutions; parameters, optimiser state,
   # BatchNorm statistics and the loss stay float32). bfloat16 is for GPUs/TPUs: slower on CPU.
   config.train.compute_dtype = "float32"
+  # Save the learner's train state every this many epochs (and after a cycle's last epoch) in
+  # workdir/checkpoints_epoch/, so a killed run resumes inside the cycle; 0 = only at cycle ends.
+  # Costs docs/performance.md#epoch-checkpoints. SIGTERM saves at the next epoch in any case.
+  config.train.checkpoint_every = 10
 
   config.al = ml_collections.ConfigDict()  # protocol §1
   config.al.trials = 5

@@ -6,9 +6,14 @@
 Multi-host: start one process per host with --coordinator=HOST:PORT --num_processes=P
 --process_id=I (CPU hosts use gloo collectives); exactly one process writes results.
 
-On Linux the process first restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
-(jax_seqgcn/runtime/host_memory.py: huge pages for XLA:CPU's per-epoch buffers);
+On Linux, for CPU runs only (never on GPU/TPU jobs), the process first restarts itself once with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (jax_seqgcn/runtime/host_memory.py: huge pages for
+XLA:CPU's per-epoch buffers; the programs it starts do not inherit the setting);
 JAX_SEQGCN_HUGEPAGES=0 turns that off.
+
+SIGTERM (a preemption notice) saves the learner at the next epoch boundary, prints one line
+saying where, and exits with code 0; rerunning the same command resumes there
+(jax_seqgcn/experiment/preemption.py).
 """
 
 import os
@@ -55,6 +60,8 @@ def main(argv):
   try:
     compilation_cache.enable(FLAGS.compilation_cache)
     loop.run(FLAGS.config, FLAGS.workdir)
+  except loop.Preempted:  # SIGTERM: saved at an epoch boundary (the line is printed); exit 0
+    sys.exit(0)
   except expected as e:  # one line (with the path where there is one), no traceback
     sys.exit(f"error: {e}")
 

@@ -1,18 +1,16 @@
 """The active learning loop in 2 processes (jax.distributed on localhost, gloo) and on the whole pool.
 
 Multi-process: `experiments/main.py` runs as 2 processes joined by `jax.distributed` (one CPU
-device each) and as 1 process, on the synthetic npz set of test_loop.py with the CoreSet sampler
+device each) and as 1 process, on the synthetic npz set (conftest's `npz_path`) with CoreSet
 (its picks are k-center on the learner's embeddings, so any difference in training or feature
 extraction between the two runs shows up in the labelled sets). Every subprocess has a timeout,
 so a hang in the collectives fails the test instead of blocking it.
 """
 
-import os
 import pathlib
+import re
 import shutil
-import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,37 +18,34 @@ import pytest
 from jax_seqgcn.experiment import cycle
 from jax_seqgcn.experiment import loop
 from jax_seqgcn.experiment import results
-from tests.test_loop import labelled_sets, npz_path, tiny_config  # pylint: disable=unused-import
+from tests.conftest import free_port
+from tests.conftest import labelled_sets
+from tests.conftest import main_args
+from tests.conftest import python_command
+from tests.conftest import python_env
+from tests.conftest import tiny_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds per subprocess
 SAMPLER = "CoreSet"
 
 
 def _command(workdir, npz, *extra):
-  return [sys.executable, str(ROOT / "experiments" / "main.py"),
-          f"--config={ROOT / 'configs' / 'test.py'}", f"--workdir={workdir}",
-          "--config.data.name=npz", "--config.data.source=npz", f"--config.data.path={npz}",
-          "--config.al.trials=1", "--config.train.epochs=1",
-          f"--config.sampler.name={SAMPLER}", *extra]
-
-
-def _free_port():
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
+  return python_command(*main_args(
+      workdir, "--config.data.name=npz", "--config.data.source=npz", f"--config.data.path={npz}",
+      "--config.al.trials=1", "--config.train.epochs=1", f"--config.sampler.name={SAMPLER}",
+      *extra))
 
 
 def _start(command, cwd=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = python_env(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
 def _start_two(workdir, npz, cwd_of_second):
   """Processes 0 and 1 of one run; process 1 runs in its own cwd (to catch stray writes)."""
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   return [_start(_command(workdir, npz, f"--coordinator={address}", "--num_processes=2",
                           f"--process_id={i}"), cwd=cwd_of_second if i else None)
           for i in range(2)]
@@ -81,16 +76,19 @@ def _outcome(workdir):
 
 
 def _layout(workdir):
-  """Relative paths under `workdir`, with orbax's content-hashed data file names blanked."""
+  """Relative paths under `workdir`, with orbax's content-hashed data file names and the time
+  and host in TensorBoard event file names blanked."""
   paths = set()
   for path in pathlib.Path(workdir).rglob("*"):
     rel = path.relative_to(workdir)
-    paths.add(str(rel.parent / "<hash>") if rel.parent.name == "d" else str(rel))
+    name = re.sub(r"^events\.out\.tfevents\.\d+\..*(\.trial\d+_cycle\d+)$",
+                  r"events.out.tfevents.<time>.<host>\1", str(rel))
+    paths.add(str(rel.parent / "<hash>") if rel.parent.name == "d" else name)
   return paths
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, npz_path):  # pylint: disable=redefined-outer-name
+def runs(tmp_path_factory, npz_path):
   """One 2-process run and one 1-process run of the same config, launched together."""
   tmp = tmp_path_factory.mktemp("multiprocess_loop")
   (tmp / "cwd1").mkdir()
@@ -161,8 +159,8 @@ def test_two_processes_resume_a_one_process_checkpoint(runs):  # pylint: disable
 @pytest.mark.parametrize("sampler, whole_pool", [
     ("Random", True), ("CoreSet", True), ("UncertainGCN", True), ("CoreGCN", True),
     ("Random", False)])
-def test_whole_pool_offers_every_unlabelled_index(tmp_path, npz_path, monkeypatch,  # pylint: disable=redefined-outer-name
-                                                  sampler, whole_pool):
+def test_whole_pool_offers_every_unlabelled_index(tmp_path, npz_path, monkeypatch, sampler,
+                                                  whole_pool):
   embedded, sampled = [], []
   real_pool = cycle.embed_pool
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jax_seqgcn import samplers
+from jax_seqgcn.models import conv
 from jax_seqgcn.models import vae as vae_lib
-from jax_seqgcn.models.conv import xla_conv
 from jax_seqgcn.samplers import vaal
 
 # Every training run in this file shares these static options, so the training program is
@@ -20,9 +20,9 @@ FAST = dict(vaal_batch_size=16, vaal_width=0.125, vaal_latent_dim=8)
 def one_trace_for_the_whole_file():
   """Every test's training goes through a chunk program that may be traced only once."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(vaal, "_train_chunk", jax.jit(
-        chex.assert_max_traces(vaal._train_chunk_fn, n=1),  # pylint: disable=protected-access
-        static_argnames=("width", "latent_dim"), donate_argnums=0))
+    patch.setattr(vaal, "train_chunk_jit", jax.jit(
+        chex.assert_max_traces(vaal.train_chunk, n=1),
+        static_argnames=vaal.TRAIN_CHUNK_STATIC_ARGNAMES, donate_argnums=0))
     yield
 
 
@@ -75,7 +75,7 @@ def test_width_scales_every_layer():
 def test_unsupported_image_sizes_raise_before_training(shape, monkeypatch):
   with pytest.raises(ValueError, match="28x28 or 32x32|H, W, C"):
     vae_lib.vae_for_images(shape)
-  monkeypatch.setattr(vaal, "_init", None)  # training would fail with a TypeError
+  monkeypatch.setattr(vaal, "init_state", None)  # training would fail with a TypeError
   mask = np.arange(10) < 3
   with pytest.raises(ValueError, match="28x28 or 32x32|rank 4"):
     vaal.vaal(jax.random.key(0), np.zeros((10,) + shape, np.float32), mask, 2, **FAST)
@@ -90,13 +90,14 @@ def test_conv_transpose_is_the_adjoint_of_the_strided_conv(size, k, stride, padd
   out = (size - 1) * stride + k - 2 * padding  # PyTorch ConvTranspose2d's output size
   assert y.shape == (2, out, out, 5)
   # PyTorch's ConvTranspose2d is the gradient of Conv2d with the same (transposed) weight.
-  _, vjp = jax.vjp(lambda t: xla_conv(t, jnp.swapaxes(kernel, 2, 3), stride=stride,
+  _, vjp = jax.vjp(lambda t: conv.xla_conv(t, jnp.swapaxes(kernel, 2, 3), stride=stride,
                                       padding=padding), jnp.zeros(y.shape))
   np.testing.assert_allclose(y, vjp(x)[0], atol=1e-5)
 
 
 def test_initialisation_follows_the_reference():
-  state = vaal._init(jax.random.key(0), image_shape=(28, 28, 1), width=0.125, latent_dim=8)
+  state = vaal.init_state(jax.random.key(0), image_shape=(28, 28, 1), width=0.125,
+                          latent_dim=8)
   params = state.vae_params
   std = lambda a: float(np.std(np.asarray(a)))
   # kaiming_normal: std sqrt(2 / fan_in), zero biases.
@@ -119,8 +120,8 @@ def test_batch_draws_are_distinct_members_of_each_set():
                            (num_nodes, 28, 28, 1))
   for num_labelled in (5, 30):  # fewer and more labelled nodes than the batch of 16
     mask = np.arange(num_nodes) < num_labelled
-    batches, _ = vaal._draw_chunk(jax.random.key(0), 0, jnp.asarray(images), jnp.asarray(mask),
-                                  batch_size=16)
+    batches, _ = vaal.draw_chunk(jax.random.key(0), 0, jnp.asarray(images), jnp.asarray(mask),
+                                 batch_size=16)
     nodes = np.asarray(batches[..., 0, 0, 0]).astype(int)  # [CHUNK, 2 steps, 2 sets, 16]
     assert nodes.shape == (vaal.CHUNK, 2, 2, 16)
     assert mask[nodes[:, :, 0]].all() and not mask[nodes[:, :, 1]].any()
@@ -231,7 +232,7 @@ def test_schedule_and_loss_composition():
     (dict(vaal_adversary_weight="1"), "vaal_adversary_weight must be a finite number >= 0"),
 ])
 def test_bad_options_fail_before_training(options, message, monkeypatch):
-  monkeypatch.setattr(vaal, "_init", None)  # training would fail with a TypeError
+  monkeypatch.setattr(vaal, "init_state", None)  # training would fail with a TypeError
   with pytest.raises(ValueError, match=message):
     samplers.get_sampler("VAAL").resolve_options(options)
   images, mask = _short_problem()
@@ -249,6 +250,6 @@ def test_bad_inputs_and_divergence_are_named(monkeypatch):
     vaal.vaal(jax.random.key(0), bad, mask, 3, **FAST)
   with pytest.raises(ValueError, match="needs pool.images"):
     samplers.get_sampler("VAAL")(jax.random.key(0), samplers.Pool(mask), 3)
-  monkeypatch.setattr(vaal, "_score_batch", lambda variables, x, **_: jnp.full(len(x), jnp.nan))
+  monkeypatch.setattr(vaal, "score_batch", lambda variables, x, **_: jnp.full(len(x), jnp.nan))
   with pytest.raises(FloatingPointError, match="VAAL diverged"):
     vaal.vaal(jax.random.key(0), images, mask, 3, **dict(FAST, vaal_epochs=1))

@@ -12,11 +12,16 @@ set alone and a resumed run equals an uninterrupted one.
 Workdir (see `experiment.workdir`): locked for the run; `config.json` (the resolved config, also
 stored in every checkpoint), `results.jsonl` (one line per trial x cycle),
 `labelled/trial{t}_cycle{c}.npy` (indices trained on), `summary.md`, `curve.png`, and
-`checkpoints/` (orbax; the source of truth the other files are rewritten from on resume). With
+`checkpoints/` (orbax; the source of truth the other files are rewritten from on resume), and
+while a cycle trains `checkpoints_epoch/` (its latest epoch checkpoint, every
+`config.train.checkpoint_every` epochs; `experiment.preemption`: resume inside a cycle,
+SIGTERM). With
 `config.al.save_embeddings`, also `embeddings/trial{t}_cycle{c}.npz` for every selection: the
 learner embeddings (float16) of the subset and labelled set, the labelled mask and the picks
 (`experiment.embeddings` documents the arrays); a sampler that needs no embedding then costs
-one extra eval pass, which is not counted in `embed_s`.
+one extra eval pass, which is not counted in `embed_s`. Metrics (`experiment.metrics`, main
+process): TensorBoard event files `events.out.tfevents.*` and `metrics.jsonl` (per epoch, per
+sampler stage that reports, per cycle), without duplicates on resume.
 
 Every config field is checked before the data is loaded, and the data-dependent ones (pool size,
 targets, image size) right after, before the workdir is written to.
@@ -25,6 +30,7 @@ targets, image size) right after, before the workdir is written to.
 import contextlib
 import math
 import pathlib
+import sys
 from typing import List, Optional
 
 import jax
@@ -37,6 +43,8 @@ from jax_seqgcn import samplers
 from jax_seqgcn.data import datasets as data_lib
 from jax_seqgcn.experiment import cycle as cycle_lib
 from jax_seqgcn.experiment import embeddings as embeddings_lib
+from jax_seqgcn.experiment import metrics as metrics_lib
+from jax_seqgcn.experiment import preemption
 from jax_seqgcn.experiment import results as results_lib
 from jax_seqgcn.experiment import workdir as workdir_lib
 from jax_seqgcn.training import augment
@@ -48,6 +56,8 @@ from jax_seqgcn.training import state as state_lib
 CONFIG_FILE = workdir_lib.CONFIG_FILE
 # config.sampler keys that are not sampler options.
 _SAMPLER_META = ("name",)
+# The per-cycle test metric's name in the metrics (`experiment.metrics`).
+_TEST_TAG = {"classification": "test/accuracy", "regression": "test/mean_joint_error"}
 
 
 class ConfigError(ValueError):
@@ -56,6 +66,10 @@ class ConfigError(ValueError):
 
 class RunError(RuntimeError):
   """A run that cannot go on (diverged training, unreadable data); earlier cycles are kept."""
+
+
+# SIGTERM stopped the run after saving (`experiment.preemption`); rerunning resumes it.
+Preempted = preemption.Preempted
 
 
 def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] = None, *,
@@ -130,6 +144,10 @@ def _train_problems(t) -> List[str]:
   milestones = t.milestones if isinstance(t.milestones, (tuple, list)) else [t.milestones]
   if not all(checks.is_int(m) and m >= 0 for m in milestones):
     problems.append(f"train.milestones must be epochs (ints >= 0), got {t.milestones!r}")
+  every = t.get("checkpoint_every", 0)
+  if not checks.is_int(every) or every < 0:
+    problems.append(f"train.checkpoint_every must be an int >= 0 (0: no epoch checkpoints), "
+                    f"got {every!r}")
   return problems
 
 
@@ -196,12 +214,16 @@ def _save_embeddings(config):
   return _added_field(config, "al.save_embeddings")
 
 
-def progress_callback(config, prefix: str, *, stream=None):
+def progress_callback(config, prefix: str, *, stream=None, record=None,
+                      num_examples: Optional[int] = None):
   """`fit`'s per-epoch callback: a `RunError` at the first non-finite loss, text lines (main
-  process only, to `stream`; None: stderr) five times per training."""
+  process only, to `stream`; None: stderr) five times per training, and, given
+  `record(epoch, metrics)` (e.g. `experiment.metrics.MetricsWriter.write_epoch`), every epoch's
+  metrics, with 'images_per_s' added when `num_examples` (the labelled set's size) is given."""
   every = max(1, config.train.epochs // 5)
   shown = (progress_lib.text_progress(every=every, prefix=prefix, stream=stream)
            if parallel.is_main_process() else None)
+  rate = metrics_lib.images_per_second(num_examples) if num_examples else None
 
   def progress(epoch, epochs, metrics):
     # Stop at the first non-finite epoch loss rather than record a diverged learner.
@@ -211,8 +233,28 @@ def progress_callback(config, prefix: str, *, stream=None):
                      f"{config.train.learning_rate}). Earlier cycles are saved.")
     if shown is not None:
       shown(epoch, epochs, metrics)
+    if record is not None:
+      record(epoch, dict(metrics, images_per_s=rate()) if rate is not None else metrics)
 
   return progress
+
+
+def _sampler_reporter(writer: metrics_lib.MetricsWriter, trial: int, cycle: int, prefix: str,
+                      *, stream=None):
+  """`training.progress.reporting`'s callback for a cycle's sampler stages: their per-step
+  values to `writer` (`sampler/<stage>/<name>`) and one progress line per report (main process,
+  to `stream`; None: stderr)."""
+
+  def reporter(stage, values, first_step, total_steps):
+    writer.write_sampler(trial, cycle, stage, values, first_step)
+    if parallel.is_main_process():
+      done = first_step + max((len(v) for v in values.values()), default=0)
+      last = " ".join(f"{k} {v[-1]:.4g}" for k, v in sorted(values.items()) if len(v))
+      of = f"/{total_steps}" if total_steps else ""
+      print(f"{prefix}sampler {stage} step {done}{of} {last}", file=stream or sys.stderr,
+            flush=True)
+
+  return reporter
 
 
 class _Run:
@@ -229,6 +271,11 @@ class _Run:
     self.store = workdir_lib.CheckpointStore(workdir / "checkpoints")
     self.resolved = workdir_lib.config_to_dict(config)
     self.records: List[results_lib.Record] = []
+    # The running cycle's latest epoch checkpoint (`experiment.preemption`).
+    self.epoch_checkpoints = preemption.make(config, workdir)
+    # TensorBoard events and metrics.jsonl; opened by `_run_locked` once the resume point is
+    # known (`experiment.metrics`). Disabled until then.
+    self.metrics = metrics_lib.MetricsWriter(workdir, enabled=False)
 
   def cycle_key(self, trial: int, cycle: int) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), trial),
@@ -247,10 +294,16 @@ class _Run:
     """`cycle.run_cycle` of (trial, cycle); saves what the sampler saw when asked to."""
     al = self.config.al
     last = cycle == (1 if al.upper_bound else al.cycles) - 1
-    result = cycle_lib.run_cycle(
-        self.setup, self.cycle_key(trial, cycle), self.dataset, labelled,
-        budget=None if last else al.budget, subset=None if al.whole_pool else al.subset,
-        progress=progress_callback(self.config, prefix))
+    resume = self.epoch_checkpoints.fit_kwargs(trial, cycle, labelled)
+    self.metrics.start_cycle(trial, cycle, resume.get("start_epoch", 0))
+    record = lambda epoch, metrics: self.metrics.write_epoch(trial, cycle, epoch, metrics)
+    with progress_lib.reporting(_sampler_reporter(self.metrics, trial, cycle, prefix)):
+      result = cycle_lib.run_cycle(
+          self.setup, self.cycle_key(trial, cycle), self.dataset, labelled,
+          budget=None if last else al.budget, subset=None if al.whole_pool else al.subset,
+          progress=progress_callback(self.config, prefix, record=record,
+                                     num_examples=len(labelled)),
+          **resume)
     if result.selection is not None and _save_embeddings(self.config):
       selection = result.selection
       features = selection.pool.features
@@ -326,7 +379,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> List[results_lib.Record]:
   validate_config(config)
   # Only the main process writes, so only it locks.
   holder = workdir_lib.lock(workdir) if parallel.is_main_process() else contextlib.nullcontext()
-  with holder:
+  # SIGTERM saves at the next epoch boundary and raises `preemption.Preempted`.
+  with holder, preemption.sigterm_saves():
     return _run_locked(config, workdir)
 
 
@@ -340,7 +394,7 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
   exp = _Run(config, workdir, dataset)
   al = config.al
   cycles = 1 if al.upper_bound else al.cycles
-  last_step, labelled = exp.restore()
+  last_step, labelled = _agreed(*exp.restore())
   if last_step >= al.trials * cycles:
     raise ConfigError(f"{workdir} already holds {last_step // cycles + 1} trials; al.trials="
                       f"{al.trials} cannot remove them (use al.trials >= "
@@ -349,6 +403,9 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
   parallel.sync_processes("loop: config.json checked")
   if parallel.is_main_process():
     workdir_lib.write_config(workdir, resolved)
+  # Drops the metrics points of cycles after the last checkpoint (no duplicates on resume).
+  exp.metrics = metrics_lib.MetricsWriter(workdir, enabled=parallel.is_main_process(),
+                                          cycles=cycles, completed=last_step)
   if last_step >= 0:
     _say(f"resuming {workdir} after trial {last_step // cycles + 1} cycle "
          f"{last_step % cycles + 1}")
@@ -357,7 +414,7 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
     for step in range(last_step + 1, al.trials * cycles):
       trial, cycle = divmod(step, cycles)
       if cycle == 0:
-        labelled = exp.initial_labelled(trial)
+        labelled = parallel.broadcast_from_main(exp.initial_labelled(trial))
       prefix = f"trial {trial + 1}/{al.trials} cycle {cycle + 1}/{cycles} "
       if parallel.is_main_process():
         np.save(_labelled_path(workdir, trial, cycle), labelled)
@@ -369,13 +426,33 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
       metric, train_s = result.metric, result.train_s
       exp.records.append(results_lib.Record(trial, cycle, len(labelled), metric, train_s,
                                             embed_s, sample_s))
+      # Before the checkpoint: after a crash in between, the cycle is unfinished and its
+      # resumed run writes these points again, once (`MetricsWriter.start_cycle`).
+      exp.metrics.write_cycle(trial, cycle, len(labelled), {
+          _TEST_TAG[exp.task]: metric, "time/train_s": train_s, "time/embed_s": embed_s,
+          "time/sample_s": sample_s})
       exp.save(step, next_labelled)
       _say(f"{prefix}| labelled {len(labelled)} | test {metric:.4f} | train {train_s:.1f} s, "
            f"embed {embed_s:.1f} s, sample {sample_s:.1f} s")
       labelled = next_labelled
+      exp.epoch_checkpoints.clear()  # the cycle is saved: its epoch checkpoint is stale
+      exp.epoch_checkpoints.check_between_cycles(trial, cycle, step == al.trials * cycles - 1)
   finally:
     exp.store.close()
+    exp.epoch_checkpoints.close()
+    exp.metrics.close()
   return exp.records
+
+
+def _agreed(last_step: int, labelled):
+  """Process 0's (last complete step, labelled set) in every process (one run, one state)."""
+  last_step = int(parallel.broadcast_from_main(np.int64(last_step)))
+  if last_step < 0:
+    return last_step, None
+  size = len(labelled) if labelled is not None else -1
+  size = int(parallel.broadcast_from_main(np.int64(size)))
+  mine = labelled if labelled is not None and len(labelled) == size else np.zeros(size)
+  return last_step, parallel.broadcast_from_main(np.asarray(mine, np.int64))
 
 
 def _say(message: str) -> None:

@@ -8,6 +8,8 @@
   by more trials); every other field must be equal.
 * `CheckpointStore`: orbax checkpoints (the last two kept); a newest checkpoint that cannot be
   read is set aside with a warning and the previous one is used.
+* `EpochStore` (`EPOCH_DIR`): the latest epoch checkpoint of the running cycle (orbax, one
+  kept), deleted once that cycle's checkpoint is written (`experiment.preemption`).
 """
 
 import contextlib
@@ -26,11 +28,14 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
-# Config fields that may differ between a workdir and a run resuming it.
-EXTENSIBLE = ("al.trials",)
+EPOCH_DIR = "checkpoints_epoch"
+# Config fields that may differ between a workdir and a run resuming it: more trials extend a
+# run, and how often epoch checkpoints are saved changes no result.
+EXTENSIBLE = ("al.trials", "train.checkpoint_every")
 # Config fields added after workdirs were first written, with the value an older workdir (whose
 # config lacks the field) ran with: such a workdir resumes under a config holding that value.
-ADDED_FIELDS = {"train.compute_dtype": "float32", "al.save_embeddings": False}
+ADDED_FIELDS = {"train.compute_dtype": "float32", "al.save_embeddings": False,
+                "train.checkpoint_every": 0}
 
 
 class WorkdirError(RuntimeError):
@@ -167,3 +172,53 @@ class CheckpointStore:
 
   def close(self) -> None:
     self.manager.close()
+
+
+class EpochStore:
+  """The latest epoch checkpoint of the running cycle: one orbax step (the epoch), one kept.
+
+  Orbax writes a step to a temporary directory and renames it when complete, so a kill leaves
+  either the previous checkpoint or the new one. The tree is the caller's (NumPy arrays).
+  """
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory.absolute()
+    self._manager = None
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    if self._manager is None:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    return self._manager
+
+  def save(self, epoch: int, tree: Dict[str, Any], *, wait: bool = False) -> None:
+    """Saves `tree` (NumPy arrays the caller no longer changes) as step `epoch`, the previous
+    step deleted once it is complete. Asynchronous unless `wait`: orbax writes in a
+    background thread (training goes on) and the next save, restore or clear waits for it."""
+    self.manager.save(epoch, args=ocp.args.StandardSave(tree))
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore(self) -> Optional[Dict[str, Any]]:
+    """The saved tree, or None when there is none; raises whatever orbax raises on a broken one."""
+    if not self.directory.exists():
+      return None
+    self.manager.wait_until_finished()
+    steps = self.manager.all_steps()
+    if not steps:
+      return None
+    return self.manager.restore(max(steps), args=ocp.args.StandardRestore())
+
+  def clear(self, *, delete_files: bool = True) -> None:
+    """Forgets the checkpoint; deletes its directory when `delete_files` (the writing process)."""
+    self.close()
+    if delete_files:
+      shutil.rmtree(self.directory, ignore_errors=True)
+
+  def close(self) -> None:
+    """Waits for a save in flight, then releases the manager."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
+      self._manager = None

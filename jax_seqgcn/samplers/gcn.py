@@ -19,6 +19,7 @@ import numpy as np
 from jax_seqgcn.selection import graph
 from jax_seqgcn.selection.kcenter import k_center_greedy
 from jax_seqgcn.samplers import base
+from jax_seqgcn.training import progress
 
 S_MARGIN = 0.1
 OPTIONS = dict(graph.GCN_DEFAULTS, s_margin=S_MARGIN)
@@ -72,8 +73,11 @@ def core_gcn_select(embedding: jax.Array, labelled_mask: jax.Array, budget: int)
 
 def _train(key, pool, options, architecture="gcn"):
   gcn_options = {k: options[k] for k in graph.GCN_DEFAULTS if k in options}
-  return graph.train_gcn(key, pool.features, pool.labelled_mask, architecture=architecture,
-                         **gcn_options)
+  result = graph.train_gcn(key, pool.features, pool.labelled_mask, architecture=architecture,
+                           **gcn_options)
+  # The loss of every step, for the run's metrics and progress line (one scan: after training).
+  progress.report(architecture, {"loss": result.losses}, total_steps=len(result.losses))
+  return result
 
 
 def _need_both(pool):

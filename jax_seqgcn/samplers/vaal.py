@@ -35,6 +35,12 @@ sequential batch (the last batch of a 5,000 subset has 8 nodes). We score with t
 averages (eval mode), so a node's score does not depend on the pool's order or batching. The
 discriminator has no BatchNorm or dropout, so its mode does not matter. Picks are ordered by the
 discriminator's logit (the reference sorts sigmoid probabilities, which tie once they saturate).
+
+Precision: the VAE and the discriminator are networks trained on images, like the learner, so
+their training and their scoring pass keep the backend's default matmul precision (on TPU,
+bfloat16 passes) instead of the selection stage's HIGHEST (`jax_seqgcn.selection`): scoring
+at HIGHEST would not make the logits backend-independent, since the weights were trained at
+the default. The pick itself (`top_unlabelled` on the logits) involves no matrix product.
 """
 
 import functools
@@ -46,15 +52,17 @@ import numpy as np
 import optax
 
 from jax_seqgcn import checks
-from jax_seqgcn.models import conv
 from jax_seqgcn.models import vae as vae_lib
 from jax_seqgcn.samplers import base
+from jax_seqgcn.training import progress
 
 # Defaults are the reference's (config.py EPOCHV and BATCH, train_vaal's constants).
 OPTIONS = dict(vaal_epochs=100, vaal_batch_size=128, vaal_width=1.0, vaal_latent_dim=0,
                vaal_learning_rate=5e-4, vaal_beta=1.0, vaal_adversary_weight=1.0)
 # Iterations per compiled scan call. Draws are keyed per chunk: changing it changes the batches.
 CHUNK = 16
+# Losses go to `training.progress.report` every this many chunks (one host sync each).
+REPORT_CHUNKS = 8
 EVAL_BATCH = 256  # nodes per scoring batch; eval-mode BatchNorm makes scores independent of it
 LOG_KEYS = ("vae_loss", "reconstruction", "kld", "adversarial", "discriminator_loss")
 
@@ -78,7 +86,9 @@ class VAALResult(NamedTuple):
   variables: Any
 
 
-class _State(NamedTuple):
+class VAALState(NamedTuple):
+  """Training state: the VAE's parameters, BatchNorm statistics and Adam state, and the
+  discriminator's parameters and Adam state."""
   vae_params: Any
   batch_stats: Any
   vae_opt: Any
@@ -115,8 +125,9 @@ def check_options(options) -> None:
     raise ValueError("bad VAAL option(s): " + "; ".join(problems))
 
 
-def _models(image_shape, width, latent_dim):
-  vae = vae_lib.vae_for_images(image_shape, latent_dim=latent_dim, width=width)
+def _models(image_shape, width, latent_dim, platform=None):
+  vae = vae_lib.vae_for_images(image_shape, latent_dim=latent_dim, width=width,
+                               platform=platform)
   return vae, vae_lib.Discriminator(width=width)
 
 
@@ -128,7 +139,9 @@ def _rbg_keys(key, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("image_shape", "width", "latent_dim"))
-def _init(key, *, image_shape, width, latent_dim) -> _State:
+def init_state(key, *, image_shape, width, latent_dim) -> VAALState:
+  """The initial `VAALState` of `train_vaal` (jitted; image_shape [H, W, C], width and
+  latent_dim static), initialised as the reference (see `models.vae`)."""
   vae, discriminator = _models(image_shape, width, latent_dim)
   vae_key, latent_key, disc_key = _rbg_keys(key, (3,))
   vae_vars = vae.init({"params": vae_key, "latent": latent_key},
@@ -136,13 +149,17 @@ def _init(key, *, image_shape, width, latent_dim) -> _State:
   disc_params = discriminator.init(disc_key, jnp.zeros((1, vae.latent_dim)))["params"]
   # Adam's state does not depend on the learning rate, which stays a traced argument.
   tx = optax.adam(1.0)
-  return _State(vae_vars["params"], vae_vars["batch_stats"], tx.init(vae_vars["params"]),
-                disc_params, tx.init(disc_params))
+  return VAALState(vae_vars["params"], vae_vars["batch_stats"], tx.init(vae_vars["params"]),
+                   disc_params, tx.init(disc_params))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
-def _draw_chunk(key, chunk_index, images, labelled_mask, *, batch_size):
-  """The batches and noise keys of `CHUNK` iterations.
+def draw_chunk(key, chunk_index, images, labelled_mask, *, batch_size):
+  """The batches and noise keys of `CHUNK` iterations (jitted; batch_size static).
+
+  Each draw takes `batch_size` distinct members of the labelled and of the unlabelled set (a set
+  smaller than the batch whole, repeated to fill it); chunk `chunk_index` draws from
+  fold_in(key, chunk_index).
 
   Returns:
     batches [CHUNK, 2 VAE steps, 2 sets (labelled, unlabelled), batch_size, H, W, C] and
@@ -165,20 +182,23 @@ def _bce_with_logits(logits, target: float):
   return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
 
 
-def _train_chunk_fn(state, batches, noise_keys, active, learning_rate, beta, adversary_weight, *,
-                    width, latent_dim):
+def train_chunk(state, batches, noise_keys, active, learning_rate, beta, adversary_weight, *,
+                width, latent_dim, platform):
   """`CHUNK` VAAL iterations (those with `active` False leave the state alone).
 
+  The training program `train_vaal` compiles once (through `train_chunk_jit`), traceable.
+
   Args:
-    state: `_State`.
-    batches, noise_keys: from `_draw_chunk`.
+    state: `VAALState`.
+    batches, noise_keys: from `draw_chunk`.
     active: [CHUNK] bool.
     learning_rate, beta, adversary_weight: float32 scalars.
     width, latent_dim: static VAE options.
+    platform: the devices' platform, for the VAE's convolutions (`models.conv.conv_impl`).
   Returns:
     (state, logs [CHUNK, len(LOG_KEYS)]), logs zero for inactive iterations.
   """
-  vae, discriminator = _models(batches.shape[4:], width, latent_dim)
+  vae, discriminator = _models(batches.shape[4:], width, latent_dim, platform)
   tx = optax.adam(learning_rate)
   batch_size = batches.shape[3]
 
@@ -234,7 +254,7 @@ def _train_chunk_fn(state, batches, noise_keys, active, learning_rate, beta, adv
     updates, disc_opt = tx.update(grads, state.disc_opt, state.disc_params)
     disc_params = optax.apply_updates(state.disc_params, updates)
     logs = jnp.concatenate([jnp.mean(vae_logs, axis=0), disc_loss[None]])
-    return _State(params, stats, opt, disc_params, disc_opt), logs
+    return VAALState(params, stats, opt, disc_params, disc_opt), logs
 
   def maybe_iteration(state, inputs):
     is_active, inputs = inputs
@@ -244,16 +264,20 @@ def _train_chunk_fn(state, batches, noise_keys, active, learning_rate, beta, adv
   return jax.lax.scan(maybe_iteration, state, (active, (batches, noise_keys)))
 
 
-_train_chunk = jax.jit(_train_chunk_fn, static_argnames=("width", "latent_dim"),
-                       donate_argnums=0)
+TRAIN_CHUNK_STATIC_ARGNAMES = ("width", "latent_dim", "platform")
+# `train_chunk` compiled (the state donated). `train_vaal` calls it through this module
+# attribute, so it can be replaced (e.g. by a wrapper that counts traces).
+train_chunk_jit = jax.jit(train_chunk, static_argnames=TRAIN_CHUNK_STATIC_ARGNAMES,
+                          donate_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "latent_dim"))
-def _score_batch(variables, images, *, width, latent_dim):
-  """[B] eval-mode discriminator logits on mu for images [B, H, W, C]."""
-  vae, discriminator = _models(images.shape[1:], width, latent_dim)
-  with conv.impl_scope("xla"):  # outside loops XLA's own convolution is the faster on CPU
-    _, _, mu, _ = vae.apply(variables["vae"], images, train=False, decode=False)
+@functools.partial(jax.jit, static_argnames=("width", "latent_dim", "platform"))
+def score_batch(variables, images, *, width, latent_dim, platform):
+  """[B] eval-mode discriminator logits on mu for images [B, H, W, C] (jitted; `train_vaal`
+  scores the pool with it, batch by batch, after training)."""
+  # Eval mode: XLA's own convolution, the faster outside loops on CPU too (`conv_impl`).
+  vae, discriminator = _models(images.shape[1:], width, latent_dim, platform)
+  _, _, mu, _ = vae.apply(variables["vae"], images, train=False, decode=False)
   return discriminator.apply(variables["discriminator"], mu)
 
 
@@ -313,23 +337,36 @@ def train_vaal(key: jax.Array, images: jax.Array, labelled_mask: jax.Array, *,
   iterations = num_iterations(num_nodes, epochs, batch_size)
   static = dict(width=float(width), latent_dim=int(latent_dim))
   init_key, draw_key = jax.random.split(key)
-  state = _init(init_key, image_shape=images.shape[1:], **static)
+  state = init_state(init_key, image_shape=images.shape[1:], **static)
   device_images, device_mask = jnp.asarray(images), jnp.asarray(labelled_mask)
+  # The VAE's kernels follow the devices it runs on (`models.conv`), bound before tracing.
+  platform = next(iter(device_images.devices())).platform
   hyper = (jnp.float32(learning_rate), jnp.float32(beta), jnp.float32(adversary_weight))
   chunk_logs = []
-  for chunk_index in range(-(-iterations // CHUNK)):
-    batches, noise_keys = _draw_chunk(draw_key, chunk_index, device_images, device_mask,
-                                      batch_size=int(batch_size))
+  num_chunks = -(-iterations // CHUNK)
+  reported = 0  # iterations already reported (`progress.report`, every REPORT_CHUNKS chunks)
+  for chunk_index in range(num_chunks):
+    batches, noise_keys = draw_chunk(draw_key, chunk_index, device_images, device_mask,
+                                     batch_size=int(batch_size))
     active = np.arange(CHUNK) < iterations - chunk_index * CHUNK
-    state, logs = _train_chunk(state, batches, noise_keys, active, *hyper, **static)
+    state, logs = train_chunk_jit(state, batches, noise_keys, active, *hyper, **static,
+                                  platform=platform)
     chunk_logs.append(logs)
+    if (chunk_index + 1) % REPORT_CHUNKS == 0 or chunk_index == num_chunks - 1:
+      done = min(iterations, (chunk_index + 1) * CHUNK)
+      recent = np.concatenate([np.asarray(c) for c in chunk_logs[reported // CHUNK:]])
+      recent = recent[:done - reported]
+      progress.report("vaal", {name: recent[:, i] for i, name in enumerate(LOG_KEYS)},
+                      first_step=reported, total_steps=iterations)
+      reported = done
   logs = np.concatenate([np.asarray(chunk) for chunk in chunk_logs])[:iterations]
   variables = {"vae": {"params": state.vae_params, "batch_stats": state.batch_stats},
                "discriminator": {"params": state.disc_params}}
   padded = np.zeros((-(-num_nodes // EVAL_BATCH) * EVAL_BATCH,) + images.shape[1:], np.float32)
   padded[:num_nodes] = images
   logits = np.concatenate([
-      np.asarray(_score_batch(variables, padded[start:start + EVAL_BATCH], **static))
+      np.asarray(score_batch(variables, padded[start:start + EVAL_BATCH], **static,
+                             platform=platform))
       for start in range(0, num_nodes, EVAL_BATCH)])[:num_nodes]
   if not (np.isfinite(logits).all() and np.isfinite(logs).all()):
     raise FloatingPointError(

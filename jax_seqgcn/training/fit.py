@@ -41,6 +41,7 @@ from jax_seqgcn.training.state import TRACE_COUNTS
 from jax_seqgcn.training.state import LossPrediction
 from jax_seqgcn.training.state import TrainState
 from jax_seqgcn.training.state import _check_hashable
+from jax_seqgcn.training.state import bind_platform
 from jax_seqgcn.training.state import check_task
 from jax_seqgcn.training.state import _init_with_info
 from jax_seqgcn.training.state import _key_data
@@ -202,7 +203,8 @@ def make_train_step(model, *, task: str = "classification", preprocessing=None, 
   """A jitted step for externally fed batches (e.g. each host feeding its part).
 
   Args:
-    model: Flax learner.
+    model: Flax learner; one whose `platform` is None gets the mesh's devices' platform
+      (`models.bind_platform`).
     task: "classification" or "regression".
     preprocessing: `PreprocessSpec`, dataset name or None (see `augment.as_spec`).
     mesh: data mesh; None = all devices.
@@ -217,7 +219,7 @@ def make_train_step(model, *, task: str = "classification", preprocessing=None, 
   check_task(task)
   _check_hashable(model)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  return _step_fn(model, task, augment.as_spec(preprocessing), mesh,
+  return _step_fn(bind_platform(model, mesh), task, augment.as_spec(preprocessing), mesh,
                   precision.check_compute_dtype(compute_dtype))
 
 
@@ -254,12 +256,15 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
         gamma: Optional[float] = None, preprocessing=None, mesh=None,
         progress: Optional[Callable[[int, int, dict], None]] = None,
         loss_prediction: Optional[LossPrediction] = None,
-        compute_dtype: str = "float32") -> TrainState:
+        compute_dtype: str = "float32", initial_state=None, start_epoch: int = 0,
+        on_epoch_end: Optional[Callable[[int, TrainState], None]] = None) -> TrainState:
   """Trains a fresh learner on a labelled set (see the module docstring for the semantics).
 
   Args:
     key: PRNG key (initialisation, shuffling, augmentation).
-    model: Flax learner (hashable module).
+    model: Flax learner (hashable module). A learner whose `platform` is None is trained with
+      the kernels of the mesh's devices' platform (`models.bind_platform`: CPU kernels on
+      CPU, plain Flax/XLA on GPU/TPU); an explicit `platform` is kept.
     images: [N, H, W, C] raw images (uint8; float images are not rescaled), host or device;
       multi-host: the same full set in every process.
     targets: [N] int labels (classification) or [N, J*3] float (regression).
@@ -284,6 +289,15 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
     compute_dtype: "float32" (default) or "bfloat16": activations and convolutions in that
       dtype, parameters, optimiser state, BatchNorm statistics and the loss in float32 (see
       `jax_seqgcn.training.precision`).
+    initial_state: continue a fit: the state after `start_epoch` epochs of a fit with the
+      same arguments (a `TrainState`, or its leaves `jax.tree.leaves(state)` as host arrays,
+      e.g. restored from a checkpoint); training goes on with epoch `start_epoch` and gives
+      the uninterrupted fit's state bit for bit (shuffling and augmentation are functions of
+      the key, the epoch and `state.step`). None: a fresh learner from epoch 0.
+    start_epoch: the number of epochs `initial_state` has done (0 without it).
+    on_epoch_end: optional `on_epoch_end(epoch, state)` called after each epoch (epoch
+      counted from 1) and after `progress`, with the state before the next epoch donates its
+      buffers (e.g. to save it; `experiment.loop` saves epoch checkpoints with it).
   Returns:
     The trained `TrainState` (replicated on the mesh); with `loss_prediction` it also holds
     the LossNet (`loss_net`, `loss_net_params`).
@@ -302,6 +316,9 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
   if loss_prediction is not None:
     loss_prediction = loss_prediction_lib.resolve(loss_prediction, epochs)
   mesh = parallel.make_mesh() if mesh is None else mesh
+  # The learner's kernels follow the mesh's devices (`models.conv`); bound before any trace,
+  # so the cached jits below are keyed by the platform too.
+  model = bind_platform(model, mesh)
   spec = augment.as_spec(preprocessing)
   images, targets = np.asarray(images), np.asarray(targets)
   check_inputs(images, targets, task, batch_size, mesh)
@@ -325,11 +342,37 @@ def fit(key: jax.Array, model, images, targets, *, task: str = "classification",
   settings = (None if loss_prediction is None
               else loss_prediction_lib.joint_settings(loss_prediction))
   key_data = _key_data(jax.random.fold_in(key, 1))
-  for epoch in range(epochs):
+  start_epoch = int(start_epoch)
+  if initial_state is not None:
+    state = _continued_state(state, initial_state, mesh)
+  elif start_epoch:
+    raise ValueError(f"start_epoch={start_epoch} needs the initial_state after those epochs.")
+  if not 0 <= start_epoch <= epochs:
+    raise ValueError(f"start_epoch must be in [0, epochs={epochs}], got {start_epoch}.")
+  for epoch in range(start_epoch, epochs):
     lr = learning_rate_at_epoch(epoch, learning_rate=learning_rate, milestones=milestones,
                                 gamma=gamma)
     state, metrics = epoch_fn(state, device_images, device_targets, np.int32(num_real),
                               key_data, np.int32(epoch), np.float32(lr), settings)
     if progress is not None:
       progress(epoch + 1, epochs, {k: float(v) for k, v in parallel.to_host(metrics).items()})
+    if on_epoch_end is not None:
+      on_epoch_end(epoch + 1, state)
   return state
+
+
+def _continued_state(fresh: TrainState, saved, mesh) -> TrainState:
+  """`saved` (a `TrainState` or its leaves) on the structure of the `fresh` state, replicated;
+  ValueError when its leaves do not match (another learner, optimiser or LossNet)."""
+  leaves, treedef = jax.tree.flatten(fresh)
+  saved = jax.tree.leaves(saved) if isinstance(saved, TrainState) else list(saved)
+  if len(saved) != len(leaves):
+    raise ValueError(f"initial_state has {len(saved)} arrays; this fit's state has "
+                     f"{len(leaves)}.")
+  for i, (mine, theirs) in enumerate(zip(leaves, saved)):
+    dtype = np.dtype(getattr(theirs, "dtype", None) or np.asarray(theirs).dtype)
+    if tuple(np.shape(theirs)) != mine.shape or dtype != mine.dtype:
+      raise ValueError(f"initial_state array {i} is {dtype}{tuple(np.shape(theirs))}; this "
+                       f"fit's is {mine.dtype}{mine.shape}.")
+  saved = parallel.replicate(mesh, [np.asarray(parallel.to_host(x)) for x in saved])
+  return jax.tree.unflatten(treedef, saved)
