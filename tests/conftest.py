@@ -271,3 +271,22 @@ def main_args(workdir, *flags) -> list:
   `flags`: `run_python(*main_args(...))`, or `python_command(*main_args(...))` for Popen."""
   return [str(ROOT / "experiments" / "main.py"), f"--config={ROOT / 'configs' / 'test.py'}",
           f"--workdir={workdir}", *map(str, flags)]
+
+
+def wait_all(procs, timeout: float, what: str = "hang in collectives or a barrier?") -> list:
+  """Outputs of all `Popen`s (text, stderr merged); kills the rest and fails on a timeout or a
+  non-zero exit."""
+  outputs = []
+  try:
+    for proc in procs:
+      output, _ = proc.communicate(timeout=timeout)
+      assert proc.returncode == 0, f"process failed:\n{output}"
+      outputs.append(output)
+  except subprocess.TimeoutExpired:
+    pytest.fail(f"process timed out ({what})")
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return outputs

@@ -17,6 +17,7 @@ from jax_seqgcn.experiment import results
 from tests.conftest import ROOT
 from tests.conftest import free_port
 from tests.conftest import labelled_sets
+from tests.conftest import wait_all
 TIMEOUT = 300
 
 # Runs experiments/main.py with process 1's sampler key perturbed.
@@ -56,23 +57,6 @@ def _start(command):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _wait(procs):
-  outputs = []
-  try:
-    for proc in procs:
-      output, _ = proc.communicate(timeout=TIMEOUT)
-      assert proc.returncode == 0, f"process failed:\n{output}"
-      outputs.append(output)
-  except subprocess.TimeoutExpired:
-    pytest.fail("process timed out (hang in collectives?)")
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  return outputs
-
-
 @pytest.mark.slow
 def test_a_diverging_process_does_not_change_the_run(tmp_path, npz_path):
   perturb = tmp_path / "perturbed_main.py"
@@ -82,7 +66,7 @@ def test_a_diverging_process_does_not_change_the_run(tmp_path, npz_path):
                          "--num_processes=2", f"--process_id={i}", perturb=perturb))
          for i in range(2)]
   one = _start(_command(tmp_path / "one", npz_path))
-  _wait(two + [one])
+  wait_all(two + [one], TIMEOUT, "hang in collectives?")
   # The perturbation is real: process 1 alone picks otherwise (`test_the_perturbation_...`).
   outcome = [(r.cycle, r.n_labelled, r.metric)
              for r in results.read_jsonl(tmp_path / "two" / "results.jsonl")]

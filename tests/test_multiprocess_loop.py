@@ -24,6 +24,7 @@ from tests.conftest import main_args
 from tests.conftest import python_command
 from tests.conftest import python_env
 from tests.conftest import tiny_config
+from tests.conftest import wait_all
 
 TIMEOUT = 300  # seconds per subprocess
 SAMPLER = "CoreSet"
@@ -53,20 +54,7 @@ def _start_two(workdir, npz, cwd_of_second):
 
 def _wait(procs):
   """Outputs of all processes; kills the rest and fails on a timeout or a non-zero exit."""
-  outputs = []
-  try:
-    for proc in procs:
-      output, _ = proc.communicate(timeout=TIMEOUT)
-      assert proc.returncode == 0, f"process failed:\n{output}"
-      outputs.append(output)
-  except subprocess.TimeoutExpired:
-    pytest.fail("process timed out (hang in collectives or a barrier?)")
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  return outputs
+  return wait_all(procs, TIMEOUT)
 
 
 def _outcome(workdir):

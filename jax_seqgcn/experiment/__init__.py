@@ -1,7 +1,8 @@
 """The experiment layer: one I/O-free cycle and the checkpointed trials x cycles loop.
 
 * `cycle`: train -> test -> pool -> select as pure steps (`make_setup`, `run_cycle`).
-* `loop`: `run(config, workdir)`: configs, the workdir, checkpoints and resume.
+* `config`: every config field checked before any work; the config -> `fit` and sampler arguments.
+* `loop`: `run(config, workdir)`: the workdir, checkpoints and resume.
 * `workdir`: locking, `config.json`, the orbax checkpoint store.
 * `results`: records, markdown tables and learning curves.
 * `embeddings`: what the sampler saw, saved per selection (`config.al.save_embeddings`).
