@@ -120,8 +120,15 @@ def clean_run(tmp_path_factory, npz_path):
   return workdir
 
 
-def _stop_at(workdir, npz, sig, line):
-  """Starts a run, sends `sig` once its output shows `line`; returns (returncode, output)."""
+def _committed_epochs(workdir):
+  """The epoch checkpoints orbax has finished writing (its temporary folders are not numbers)."""
+  folder = workdir / workdir_lib.EPOCH_DIR
+  return [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+
+
+def _stop_at(workdir, npz, sig, line, *, committed=False):
+  """Starts a run, sends `sig` once its output shows `line` (and, when `committed`, once an
+  epoch checkpoint is complete on disk: saves are asynchronous); returns (returncode, output)."""
   proc = subprocess.Popen(_main(workdir, npz), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=python_env(**ENV))
   seen = []
@@ -129,6 +136,9 @@ def _stop_at(workdir, npz, sig, line):
   for text in proc.stdout:
     seen.append(text)
     if line in text:
+      while committed and not _committed_epochs(workdir):
+        assert time.time() < deadline, "no epoch checkpoint was committed"
+        time.sleep(0.01)
       proc.send_signal(sig)
       break
     assert time.time() < deadline, "run did not reach the signal point"
@@ -146,12 +156,14 @@ def _resume(workdir, npz):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_inside_a_cycle(tmp_path, npz_path, clean_run):
-  # Epoch checkpoints every 2 epochs; progress lines every 4: at "epoch 8/20" epoch 6's is on disk.
-  code, output = _stop_at(tmp_path, npz_path, signal.SIGKILL, "cycle 1/2 epoch 8/20")
+  # Epoch checkpoints every 2 epochs, written in the background: killed after "epoch 8/20" is
+  # printed and a checkpoint is complete, the run resumes at an even epoch of cycle 1 after 0.
+  code, output = _stop_at(tmp_path, npz_path, signal.SIGKILL, "cycle 1/2 epoch 8/20",
+                          committed=True)
   assert code == -signal.SIGKILL, output
   resumed = _resume(tmp_path, npz_path)
   match = re.search(r"resuming trial 1 cycle 1 at epoch (\d+)/20", resumed)
-  assert match and 6 <= int(match.group(1)) < 20, resumed
+  assert match and 2 <= int(match.group(1)) < 20 and int(match.group(1)) % EVERY == 0, resumed
   _same_results(tmp_path, clean_run)
 
 
