@@ -172,11 +172,12 @@ def test_one_trace_per_shape():
   rng = np.random.default_rng(9)
   x = jnp.asarray(np.abs(rng.normal(size=(N, DIM))).astype(np.float32))
   kmedoids.k_medoids(jax.random.key(0), x, np.ones(N, bool), K)
-  before = kmedoids._k_medoids_jit._cache_size()  # pylint: disable=protected-access
+  parts = (kmedoids._setup_jit, kmedoids._sweep_jit)  # pylint: disable=protected-access
+  before = [part._cache_size() for part in parts]  # pylint: disable=protected-access
   for seed, sweeps, tol in [(1, 3, 1e-6), (2, 0, 0.0), (3, 7, 1e-3)]:
     candidate = rng.random(N) < 0.5 + 0.1 * seed
     kmedoids.k_medoids(jax.random.key(seed), x, candidate, K, max_sweeps=sweeps, rel_tol=tol)
-  assert kmedoids._k_medoids_jit._cache_size() == before  # pylint: disable=protected-access
+  assert [part._cache_size() for part in parts] == before  # pylint: disable=protected-access
   featprop.propagate_features(x, 1)
   before = featprop._propagate_hops._cache_size()  # pylint: disable=protected-access
   for hops in (0, 2, 5):
@@ -297,3 +298,24 @@ def test_swap_gains_and_nearest_two_updates_match_recomputation(chunk):
     np.testing.assert_allclose(np.asarray(state.d2)[candidate], np.sort(exact, axis=1)[:, 1],
                                atol=1e-5)
     np.testing.assert_allclose(float(state.cost), numpy_cost(x, candidate, medoids), rtol=1e-5)
+
+
+def test_swap_phase_reports_each_sweep_and_equals_one_program():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(300, 6)).astype(np.float32))
+  candidate = rng.random(300) < 0.7
+  seen = []
+  result = kmedoids.k_medoids(jax.random.key(1), x, candidate, 15, block=32,
+                              on_sweep=lambda *args: seen.append(args))
+  # One compiled call per sweep gives what the whole algorithm gives as one program.
+  whole = jax.jit(kmedoids._k_medoids, static_argnames=("k", "block"))(  # pylint: disable=protected-access
+      jax.random.key(1), x, jnp.asarray(candidate), jnp.int32(kmedoids.DEFAULT_MAX_SWEEPS),
+      jnp.float32(kmedoids.DEFAULT_REL_TOL), k=15, block=32)
+  for a, b in zip(result, whole, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [s for s, _, _ in seen] == list(range(1, int(result.sweeps) + 1)) and len(seen) > 1
+  costs = [c for _, c, _ in seen]
+  assert costs == sorted(costs, reverse=True)  # every applied swap lowers the cost
+  assert seen[-1][1:] == (float(result.cost), int(result.swaps))
+  np.testing.assert_allclose(seen[-1][1], float(kmedoids.medoid_cost(x, candidate,
+                                                                     result.medoids)), rtol=1e-5)

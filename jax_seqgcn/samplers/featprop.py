@@ -31,6 +31,7 @@ from jax_seqgcn import checks
 from jax_seqgcn.selection import graph
 from jax_seqgcn.selection import kmedoids
 from jax_seqgcn.samplers import base
+from jax_seqgcn.training import progress
 
 _LOG = logging.getLogger(__name__)
 
@@ -102,8 +103,13 @@ def featprop_medoids(key: jax.Array, features: jax.Array, labelled_mask: jax.Arr
   pool = base.validate_pool(base.Pool(labelled_mask, features=features), budget, ("features",),
                             name="FeatProp")
   propagated = propagate_features(pool.features, hops)
+
+  def report(sweeps, cost, swaps):  # after each swap pass: live progress at large N
+    progress.report("kmedoids", {"cost": [cost], "swaps": [swaps]}, first_step=sweeps - 1,
+                    total_steps=max_sweeps)
+
   result = kmedoids.k_medoids(key, propagated, ~jnp.asarray(pool.labelled_mask), int(budget),
-                              max_sweeps=max_sweeps)
+                              max_sweeps=max_sweeps, on_sweep=report)
   if bool(result.converged):
     _LOG.info("FeatProp: k-medoids converged after %d sweep(s), %d swaps, cost %.6g",
               int(result.sweeps), int(result.swaps), float(result.cost))

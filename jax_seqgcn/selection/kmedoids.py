@@ -40,7 +40,7 @@ seeding improved by every swap made so far, with no optimality claim. Each appli
 TD, so no medoid set repeats and the phase always terminates.
 """
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -197,25 +197,36 @@ def _apply_swap(state, candidate, slot, x, dx, chunk=LOST_CHUNK):
   return _commit_swap(state, candidate, slot, x, dx, tables, jnp.bool_(True))
 
 
-def _k_medoids(key, features, candidate, max_sweeps, rel_tol, *, k, block,
-               chunk=LOST_CHUNK):
+class _Prepared(NamedTuple):
+  features: jax.Array        # [N, d] centred on the candidates' mean
+  sq_norms: jax.Array        # [N]
+  order: jax.Array           # [N] candidates first, in a random order
+  num_candidates: jax.Array  # int32
+
+
+def _setup(key, features, candidate, *, k):
+  """The swap phase's fixed inputs and its state after seeding."""
   n = features.shape[0]
-  block = min(block, n)
   draws = jax.random.uniform(key, (n + k,))
   # Centring shrinks |x|^2 against |x - y|^2: less cancellation in the Gram expansion.
   weights = candidate.astype(features.dtype)
   features = features - jnp.matmul(weights, features, precision=HIGHEST) / jnp.sum(weights)
   sq_norms = jnp.sum(jnp.square(features), axis=-1)
-  num_candidates = jnp.sum(candidate).astype(jnp.int32)
   # Candidates first, in a random order.
-  order = jnp.argsort(jnp.where(candidate, draws[:n], 2.0))
-  order = order.astype(jnp.int32)
-
+  order = jnp.argsort(jnp.where(candidate, draws[:n], 2.0)).astype(jnp.int32)
   medoids, dist, is_medoid = _seed(draws[n:], features, sq_norms, candidate, k)
   nearest, d1, second, d2 = _two_nearest(dist)
   zero = jnp.int32(0)
   state = _SwapState(medoids, is_medoid, dist, nearest, d1, second, d2,
                      jnp.sum(jnp.where(candidate, d1, 0.0)), zero, zero, zero, zero)
+  return _Prepared(features, sq_norms, order, jnp.sum(candidate).astype(jnp.int32)), state
+
+
+def _sweep(prepared, candidate, state, max_sweeps, rel_tol, *, k, block, chunk=LOST_CHUNK):
+  """Swap-phase blocks until convergence or until `max_sweeps` (traced) passes are complete;
+  `k_medoids` passes one more than done so far, to report after each pass."""
+  features, sq_norms, order, num_candidates = prepared
+  block = min(block, features.shape[0])
 
   def running(s):
     return (s.since_swap < num_candidates) & (s.sweep < max_sweeps)
@@ -248,18 +259,32 @@ def _k_medoids(key, features, candidate, max_sweeps, rel_tol, *, k, block,
     return s._replace(start=jnp.where(wraps, 0, s.start + block),
                       sweep=s.sweep + wraps.astype(jnp.int32))
 
-  state = jax.lax.while_loop(running, visit_block, state)
+  return jax.lax.while_loop(running, visit_block, state)
+
+
+def _result(state, num_candidates):
   sweeps = state.sweep + (state.start > 0).astype(jnp.int32)
   return KMedoidsResult(state.medoids, state.cost, sweeps, state.swaps,
                         state.since_swap >= num_candidates)
 
 
-_k_medoids_jit = jax.jit(_k_medoids, static_argnames=("k", "block", "chunk"))
+def _k_medoids(key, features, candidate, max_sweeps, rel_tol, *, k, block,
+               chunk=LOST_CHUNK):
+  """The whole of `k_medoids` as one traceable program (for inspection: `jax.make_jaxpr`)."""
+  prepared, state = _setup(key, features, candidate, k=k)
+  state = _sweep(prepared, candidate, state, max_sweeps, rel_tol, k=k, block=block, chunk=chunk)
+  return _result(state, prepared.num_candidates)
+
+
+_setup_jit = jax.jit(_setup, static_argnames=("k",))
+# The swap state (its [N, k] distances) is updated in place from sweep to sweep.
+_sweep_jit = jax.jit(_sweep, static_argnames=("k", "block", "chunk"), donate_argnums=(2,))
 
 
 def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k: int, *,
               max_sweeps: int = DEFAULT_MAX_SWEEPS, rel_tol: float = DEFAULT_REL_TOL,
-              block: int = SWAP_BLOCK) -> KMedoidsResult:
+              block: int = SWAP_BLOCK,
+              on_sweep: Optional[Callable[[int, float, int], None]] = None) -> KMedoidsResult:
   """k-medoids over the candidate nodes: k-means++ seeding, then FasterPAM swaps.
 
   Minimises TD = sum over candidates of the Euclidean distance to the nearest medoid, medoids
@@ -275,6 +300,8 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
     max_sweeps: cap on passes over the candidates in the swap phase (0: seeding only).
     rel_tol: a swap is applied only if it lowers TD by more than rel_tol x TD.
     block: static int, swap candidates per distance-tile matrix product.
+    on_sweep: optional `on_sweep(sweeps, cost, swaps)` called after each pass of the swap phase
+      (progress of a long phase; the FeatProp sampler reports it as "kmedoids").
   Returns:
     `KMedoidsResult(medoids [k] int32, cost, sweeps, swaps, converged)`.
   Raises:
@@ -293,8 +320,17 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
     raise ValueError(f"rel_tol must be a number in [0, 1), got {rel_tol!r}")
   if not checks.is_int(block) or block < 1:
     raise ValueError(f"block must be an int >= 1, got {block!r}")
-  return _k_medoids_jit(key, features, candidate_mask, jnp.int32(max_sweeps),
-                        jnp.asarray(rel_tol, features.dtype), k=int(k), block=int(block))
+  prepared, state = _setup_jit(key, features, candidate_mask, k=int(k))
+  tol = jnp.asarray(rel_tol, features.dtype)
+  # One compiled call per sweep (the same arithmetic as one while loop), so a long phase can
+  # report its progress after each.
+  while int(state.since_swap) < num_candidates and int(state.sweep) < max_sweeps:
+    state = _sweep_jit(prepared, candidate_mask, state, jnp.int32(int(state.sweep) + 1), tol,
+                       k=int(k), block=int(block))
+    if on_sweep is not None:
+      result = _result(state, prepared.num_candidates)
+      on_sweep(int(result.sweeps), float(result.cost), int(result.swaps))
+  return _result(state, prepared.num_candidates)
 
 
 def check_max_sweeps(max_sweeps, name: str = "max_sweeps") -> None:
