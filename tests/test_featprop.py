@@ -208,6 +208,7 @@ def test_never_forms_an_n_by_n_array():
     (dict(max_sweeps=-1), "max_sweeps must be an int"),
     (dict(max_sweeps=1.5), "max_sweeps must be an int"),
     (dict(rel_tol=-0.1), "rel_tol must be a number"),
+    (dict(rel_tol=False), "rel_tol must be a number"),
     (dict(block=0), "block must be an int"),
     (dict(nan=True), "NaN"),
     (dict(short_mask=True), "candidate_mask must have shape"),

@@ -149,18 +149,6 @@ def test_dropout_uses_key_and_eval_is_deterministic():
   assert not np.allclose(a.scores, c.scores)
 
 
-def test_train_gcn_traces_once_per_shape(monkeypatch):
-  counted = jax.jit(chex.assert_max_traces(graph.train_steps, n=1),
-                    static_argnames=graph.TRAIN_STATIC_ARGNAMES)
-  monkeypatch.setattr(graph, "train_steps_jit", counted)
-  rng = np.random.default_rng(0)
-  mask = np.arange(30) >= 20
-  for seed, lam, lr in [(0, 1.2, 1e-3), (1, 0.5, 1e-2), (2, 2.0, 3e-4)]:
-    x = np.abs(rng.normal(size=(30, 8))).astype(np.float32)
-    graph.train_gcn(jax.random.key(seed), x, mask, steps=3, hidden=8, lambda_=lam,
-                    learning_rate=lr, adjacency="dense")
-
-
 def test_factored_training_never_forms_an_n_by_n_array():
   n = 48
   jaxpr = jax.make_jaxpr(functools.partial(
@@ -193,7 +181,7 @@ def test_choose_adjacency(caplog):
     (lambda x, m: (x[:, :0], m), "empty"),
 ])
 def test_bad_input_raises_before_work(bad, message, monkeypatch):
-  monkeypatch.setattr(graph, "train_steps_jit", lambda *a, **k: pytest.fail("work started"))
+  monkeypatch.setattr(graph, "train_setup_jit", lambda *a, **k: pytest.fail("work started"))
   x = jnp.abs(jax.random.normal(jax.random.key(0), (20, 4)))
   mask = jnp.arange(20) >= 15
   x, mask = bad(x, mask)
@@ -207,3 +195,39 @@ def test_adjacency_rejects_degenerate_rows():
     graph.normalized_adjacency(x)
   with pytest.raises(ValueError, match="column sum"):
     graph.factored_adjacency(x)
+
+
+@pytest.mark.parametrize("architecture, adjacency", [("gcn", "factored"), ("gcn", "dense"),
+                                                     ("mlp", "auto")])
+def test_training_in_chunks_equals_one_scan(architecture, adjacency):
+  rng = np.random.default_rng(5)
+  x = np.abs(rng.normal(size=(50, 6))).astype(np.float32)
+  mask = np.arange(50) >= 38
+  options = dict(steps=11, hidden=8, architecture=architecture, adjacency=adjacency)
+  whole = graph.train_gcn(jax.random.key(2), x, mask, **options)
+  seen = []
+  chunked = graph.train_gcn(jax.random.key(2), x, mask, chunk_steps=3,
+                            on_chunk=lambda first, losses: seen.append((first, losses)), **options)
+  # ceil(11 / 3) = 4 chunks of one compiled length 3; the last one's extra step is a no-op. The
+  # default (50) runs the 11 steps as one chunk.
+  assert [(first, len(losses)) for first, losses in seen] == [(0, 3), (3, 3), (6, 3), (9, 2)]
+  np.testing.assert_array_equal(np.concatenate([l for _, l in seen]), np.asarray(whole.losses))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit on CPU
+  with pytest.raises(ValueError, match="chunk_steps must be an int >= 2"):
+    graph.train_gcn(jax.random.key(2), x, mask, chunk_steps=0, **options)
+
+
+def test_train_gcn_traces_each_part_once_per_shape(monkeypatch):
+  net = ("hidden", "dropout_rate", "num_layers", "architecture")
+  for name, fn, static in (("train_setup_jit", graph.train_setup, net + ("adjacency_mode",)),
+                           ("train_chunk_jit", graph.train_chunk, net + ("steps",)),
+                           ("train_evaluate_jit", graph.train_evaluate, net)):
+    monkeypatch.setattr(graph, name, jax.jit(chex.assert_max_traces(fn, n=1),
+                                             static_argnames=static))
+  rng = np.random.default_rng(0)
+  mask = np.arange(30) >= 20
+  for seed, steps in [(0, 9), (1, 8), (2, 7)]:  # 3 chunks of 3 each time
+    x = np.abs(rng.normal(size=(30, 8))).astype(np.float32)
+    graph.train_gcn(jax.random.key(seed), x, mask, steps=steps, hidden=8, chunk_steps=3,
+                    adjacency="factored")

@@ -176,13 +176,13 @@ def test_uncertain_gcn_select_rejects_what_would_return_labelled_nodes(case):
 
 def test_diverged_gcn_is_named(monkeypatch):
   x, mask = _problem(n=20, n_labelled=5)
-  real = graph.train_steps_jit
+  real = graph.train_evaluate_jit
 
   def diverged(*args, **kwargs):
-    result = real(*args, **kwargs)
-    return result._replace(scores=result.scores * np.nan)
+    scores, embedding = real(*args, **kwargs)
+    return scores * np.nan, embedding
 
-  monkeypatch.setattr(graph, "train_steps_jit", diverged)
+  monkeypatch.setattr(graph, "train_evaluate_jit", diverged)
   with pytest.raises(FloatingPointError, match="GCN diverged"):
     samplers.core_gcn(jax.random.key(0), x, mask, 3, **FAST_GCN)
 

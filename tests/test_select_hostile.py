@@ -406,12 +406,13 @@ def test_huge_batch_size_trains(data, capsys):
 # Case 6: absurd sampler options are refused before any work.
 
 
+# The bounds are the registry's own (`Sampler.check`): the same words as the library's.
 @pytest.mark.parametrize("form, sampler, option, bound", [
-    ("features", "CoreGCN", "steps=1000000000", "at most 1000000"),
-    ("features", "UncertainGCN", "hidden=10000000", "at most 65536"),
-    ("features", "UncertainDiscriminator", "steps=1000001", "at most 1000000"),
-    ("images", "VAAL", "vaal_epochs=1e9", "at most 10000"),
-    ("images", "VAAL", "vaal_width=100.0", "at most 8"),
+    ("features", "CoreGCN", "steps=1000000000", "steps must be <= 1000000"),
+    ("features", "UncertainGCN", "hidden=10000000", "hidden must be <= 65536"),
+    ("features", "UncertainDiscriminator", "steps=1000001", "steps must be <= 1000000"),
+    ("images", "VAAL", "vaal_epochs=1e9", "vaal_epochs must be <= 10000"),
+    ("images", "VAAL", "vaal_width=100.0", "vaal_width must be <= 8"),
 ])
 def test_absurd_sampler_options_are_refused(data, monkeypatch, capsys, form, sampler, option,
                                             bound):
@@ -421,8 +422,7 @@ def test_absurd_sampler_options_are_refused(data, monkeypatch, capsys, form, sam
   before = snapshot(tmp_path)
   assert select(*make_args(tmp_path, "--sampler", sampler, "--option", option,
                            "--out", tmp_path / "p.csv")) == 2
-  one_error_line(capsys.readouterr().err, f"sampler {sampler}: option {option.split('=')[0]}=",
-                 bound)
+  one_error_line(capsys.readouterr().err, f"sampler {sampler}: ", bound)
   assert snapshot(tmp_path) == before
 
 

@@ -112,8 +112,8 @@ def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--option", action="append", default=[], type=parse_option,
                       metavar="NAME=VALUE",
                       help="sampler option over its default, repeatable (e.g. steps=100, "
-                           "s_margin=0.2); checked by the sampler, and bounded (e.g. steps <= "
-                           "10**6, hidden <= 65536; see docs/own_data.md)")
+                           "s_margin=0.2); checked by the sampler, bounds included (e.g. steps "
+                           "<= 10**6, hidden <= 65536; see docs/own_data.md)")
   parser.add_argument("--seed", type=int, default=0,
                       help="PRNG seed, an integer in [0, 2**32 - 1] (default 0)")
   parser.add_argument("--force", action="store_true",

@@ -30,9 +30,10 @@ Deliberate choices:
   and folder select wrote there); `load_learner(workdir)` reads it back. An existing output is
   refused unless `force`, and `force` replaces a workdir only if everything in it is listed in
   its manifest.
-* Sanity bounds (`check_seed`, `OPTION_LIMITS`, the batch size): a seed outside [0, 2**32)
-  and absurd sampler option values are refused up front; a batch size larger than the labelled
-  set is lowered to it (said once on the progress stream).
+* Sanity bounds (`check_seed`, the sampler's own option checks, the batch size): a seed
+  outside [0, 2**32) and absurd sampler option values (bounded by the registry, e.g. steps <=
+  10**6) are refused up front; a batch size larger than the labelled set is lowered to it
+  (said once on the progress stream).
 """
 
 import csv
@@ -71,17 +72,6 @@ output_lock = outputs.output_lock
 default_workdir = outputs.default_workdir
 # Seeds are 32-bit: jax.random.key folds wider ones (-1, 2**32 - 1 and 2**64 - 1 gave one key).
 SEED_RANGE = 2 ** 32
-# Upper bounds on sampler options in `jax-seqgcn select` (option -> (bound, why)); the registry's
-# own checks (`Sampler.check`) only ask for a positive value. Values beyond these ran out of
-# memory or ran for days in a probe; they belong in the registry's checks.
-OPTION_LIMITS: Dict[str, Tuple[int, str]] = {
-    "steps": (10 ** 6, "full-graph GCN training steps, each kept as a loss value"),
-    "hidden": (65536, "GCN hidden width: one [nodes, hidden] array per layer"),
-    "vaal_epochs": (10 ** 4, "VAAL training epochs over the whole pool"),
-    "vaal_batch_size": (65536, "VAAL batch size"),
-    "vaal_latent_dim": (65536, "VAAL latent size"),
-    "vaal_width": (8, "VAAL channel multiplier: compute grows as its square"),
-}
 
 
 def _gcn_scores(architecture):
@@ -130,20 +120,21 @@ def _say(stream, message: str) -> None:
 def resolve_sampler(name: str, options: Optional[Mapping[str, Any]] = None):
   """(sampler, options over its registry defaults), checked by the sampler's own checks.
 
+  The registry's checks (`Sampler.check`) hold the bounds too (e.g. steps <= 10**6, hidden <=
+  65536, VAAL's sizes), so select refuses what the library and experiments/main.py refuse, with
+  the same words.
+
   Raises:
-    InputError: an unknown sampler, an option it does not take, a bad option value, or one
-      above its `OPTION_LIMITS` bound.
+    InputError: an unknown sampler, an option it does not take, a bad or out-of-range value.
   """
   try:
     sampler = samplers.get_sampler(name)
-    resolved = sampler.resolve_options(dict(options or {}))
   except ValueError as err:
     raise InputError(str(err)) from None
-  for option, (bound, what) in OPTION_LIMITS.items():
-    value = resolved.get(option)
-    if isinstance(value, (int, float, np.integer, np.floating)) and value > bound:
-      raise InputError(f"sampler {sampler.name}: option {option}={value!r} is out of range for "
-                       f"jax-seqgcn select: at most {bound} ({what})")
+  try:
+    resolved = sampler.resolve_options(dict(options or {}))
+  except ValueError as err:  # as experiment.config words it: which sampler refused
+    raise InputError(f"sampler {sampler.name}: {err}") from None
   return sampler, resolved
 
 

@@ -6,7 +6,8 @@ about the N nodes (the loop orders them as the reference does: the unlabelled ca
 then the labelled set; any order works):
 
 * `labelled_mask` [N] bool, always;
-* `features` [N, D] learner embeddings (eval mode);
+* `features` [N, D] learner embeddings (eval mode); any real dtype, computed in float32
+  (float16 and bfloat16 are upcast: in float16 the GCN's training overflows);
 * `images` [N, H, W, C] float32 images after the learner's eval preprocessing;
 * `predicted_losses` [N] outputs of a loss-prediction module trained with the learner;
 * `probabilities` [N, C] the learner's softmax outputs.
@@ -34,7 +35,8 @@ class Pool(NamedTuple):
 
   Attributes:
     labelled_mask: [N] bool (or 0/1), True for labelled nodes.
-    features: optional [N, D] learner embeddings.
+    features: optional [N, D] learner embeddings; float16 and bfloat16 are upcast to
+      float32 (the samplers compute in float32).
     images: optional [N, H, W, C] float32 preprocessed images.
     predicted_losses: optional [N] predicted losses (Learning Loss).
     probabilities: optional [N, C] class probabilities (rows sum to 1).
@@ -160,10 +162,15 @@ def all_options() -> Dict[str, Any]:
 def validate_pool(pool: Pool, budget: int, needs=(), *, name: str = "sampler") -> Pool:
   """Checks `pool` and `budget` on the host; returns the pool with a bool mask.
 
+  The returned pool's features are a float32 jax.Array (float16, bfloat16 and ints upcast:
+  every sampler computes in float32), its probabilities and predicted losses float32 NumPy
+  arrays; values are checked in their own precision before that cast (`checks.finite_rows`).
+
   Raises:
-    ValueError: a needed field missing, a field whose first dimension is not N, non-finite
-      values, probabilities that are not distributions, or a budget outside
-      [1, number of unlabelled nodes].
+    ValueError: a needed field missing, a field whose first dimension is not N, a field that
+      does not hold real numbers (e.g. dtype object), non-finite values or values beyond
+      float32 range, probabilities that are not distributions, or a budget outside
+      [1, number of unlabelled nodes] (a bool is not a budget).
   """
   labelled_mask = np.asarray(pool.labelled_mask)
   if labelled_mask.ndim != 1:
@@ -189,12 +196,13 @@ def _check_field(field: str, value, num_nodes: int):
     raise ValueError(f"pool.{field} must have rank {rank} and {num_nodes} rows (one per node "
                      f"of labelled_mask), got shape {shape}")
   if field == "features":
-    return checks.features(value)
+    return checks.features(value, f"pool.{field}")
   if field == "images":
-    return value  # checked by the learner's own input validation; large, left on the host
-  array = np.asarray(value, np.float32)
-  if not np.isfinite(array).all():
-    raise ValueError(f"pool.{field} has NaN or inf (did the learner diverge?)")
+    # Only the dtype here: the values are checked by the learner's (or VAAL's) own input
+    # validation; large, left on the host.
+    checks.numeric(value, f"pool.{field}")
+    return value
+  array = checks.host_float32(value, f"pool.{field}", " (did the learner diverge?)")
   if field == "probabilities" and (
       (array < 0).any() or not np.allclose(array.sum(axis=1), 1.0, atol=1e-3)):
     raise ValueError("pool.probabilities must be non-negative rows summing to 1 (softmax "

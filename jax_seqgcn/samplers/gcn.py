@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_seqgcn import checks
 from jax_seqgcn.selection import graph
 from jax_seqgcn.selection.kcenter import k_center_greedy
 from jax_seqgcn.samplers import base
@@ -31,7 +32,8 @@ def check_options(options) -> None:
   gcn = {k: options.get(k, v) for k, v in graph.GCN_DEFAULTS.items()}
   graph.check_gcn_options(**gcn)
   s_margin = options.get("s_margin", S_MARGIN)
-  if not isinstance(s_margin, (int, float)) or not 0.0 <= s_margin <= 1.0:
+  # `checks.is_real`, not isinstance(int, float): True would pass as 1.
+  if not checks.is_real(s_margin) or not 0.0 <= s_margin <= 1.0:
     raise ValueError(f"s_margin must be a number in [0, 1], got {s_margin!r}")
 
 
@@ -73,11 +75,13 @@ def core_gcn_select(embedding: jax.Array, labelled_mask: jax.Array, budget: int)
 
 def _train(key, pool, options, architecture="gcn"):
   gcn_options = {k: options[k] for k in graph.GCN_DEFAULTS if k in options}
-  result = graph.train_gcn(key, pool.features, pool.labelled_mask, architecture=architecture,
-                           **gcn_options)
-  # The loss of every step, for the run's metrics and progress line (one scan: after training).
-  progress.report(architecture, {"loss": result.losses}, total_steps=len(result.losses))
-  return result
+  steps = gcn_options.get("steps", graph.GCN_DEFAULTS["steps"])
+
+  def report(first_step, losses):  # after each compiled chunk: live progress of a long training
+    progress.report(architecture, {"loss": losses}, first_step=first_step, total_steps=steps)
+
+  return graph.train_gcn(key, pool.features, pool.labelled_mask, architecture=architecture,
+                         on_chunk=report, **gcn_options)
 
 
 def _need_both(pool):
@@ -118,7 +122,8 @@ def uncertain_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array,
 
   Args:
     key: PRNG key (GCN initialisation and dropout).
-    features: [N, dim] learner embeddings (L2-normalised inside).
+    features: [N, dim] learner embeddings (L2-normalised inside); computed in float32
+      (float16 and bfloat16 are upcast: in float16 the GCN's training overflows).
     labelled_mask: [N] bool, with at least one labelled node.
     budget: number of picks.
     **options: `s_margin` and the `train_gcn` options (hidden, dropout_rate, num_layers,

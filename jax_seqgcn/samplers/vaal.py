@@ -59,6 +59,14 @@ from jax_seqgcn.training import progress
 # Defaults are the reference's (config.py EPOCHV and BATCH, train_vaal's constants).
 OPTIONS = dict(vaal_epochs=100, vaal_batch_size=128, vaal_width=1.0, vaal_latent_dim=0,
                vaal_learning_rate=5e-4, vaal_beta=1.0, vaal_adversary_weight=1.0)
+# Upper bounds on options (option -> (bound, why)): larger values ran out of memory or ran for
+# days in a probe, so `check_options` refuses them up front (library, experiments, select).
+LIMITS = {
+    "vaal_epochs": (10 ** 4, "the iterations (and time) grow with epochs x pool size"),
+    "vaal_batch_size": (65536, "two batches of images go through the VAE per step"),
+    "vaal_latent_dim": (65536, "the VAE's latent layers grow with it"),
+    "vaal_width": (8, "the VAE's compute grows as the square of its channel multiplier"),
+}
 # Iterations per compiled scan call. Draws are keyed per chunk: changing it changes the batches.
 CHUNK = 16
 # Losses go to `training.progress.report` every this many chunks (one host sync each).
@@ -107,6 +115,8 @@ def check_options(options) -> None:
   Epochs, width and learning rate must be finite and > 0, the batch size an int >= 1, the
   latent size an int >= 0 (0: the reference's for the image size), beta and adversary_weight
   finite and >= 0 (0 switches the term off: a plain autoencoder, or no adversarial VAE term).
+  Epochs, batch size, latent size and width are also at most their `LIMITS` bound. Bools are
+  refused (True is not 1).
   """
   get = lambda name: options.get(name, OPTIONS[name])
   problems = []
@@ -121,6 +131,10 @@ def check_options(options) -> None:
   for name in ("vaal_beta", "vaal_adversary_weight"):
     if not checks.is_finite_real(get(name)) or get(name) < 0:
       problems.append(f"{name} must be a finite number >= 0, got {get(name)!r}")
+  for name, (bound, why) in LIMITS.items():
+    # Only values that passed the checks above (a bad type is already one problem).
+    if checks.is_finite_real(get(name)) and get(name) > bound:
+      problems.append(f"{name} must be <= {bound}, got {get(name)!r}: {why}")
   if problems:
     raise ValueError("bad VAAL option(s): " + "; ".join(problems))
 
@@ -282,12 +296,12 @@ def score_batch(variables, images, *, width, latent_dim, platform):
 
 
 def _check_inputs(images, labelled_mask):
-  images = np.asarray(images, np.float32)
+  images = checks.numeric(images, "images")
   if images.ndim != 4:
     raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
   vae_lib.check_image_shape(images.shape[1:])
-  if not np.isfinite(images).all():
-    raise ValueError("images has NaN or inf")
+  # Checked in their own precision, then float32 (float16/bfloat16 upcast, as features are).
+  images = checks.host_float32(images, "images")
   labelled_mask = np.asarray(base.validate_pool(base.Pool(labelled_mask), 1).labelled_mask)
   if labelled_mask.shape[0] != images.shape[0]:
     raise ValueError(f"labelled_mask has {labelled_mask.shape[0]} nodes but images has "

@@ -20,6 +20,7 @@ default and `train.compute_dtype`. tests/test_selection_precision.py checks the 
 
 from jax_seqgcn.selection.graph import FactoredAdjacency
 from jax_seqgcn.selection.graph import GCN
+from jax_seqgcn.selection.graph import GCN_CHUNK_STEPS
 from jax_seqgcn.selection.graph import GCNResult
 from jax_seqgcn.selection.graph import choose_adjacency
 from jax_seqgcn.selection.graph import factored_adjacency

@@ -10,7 +10,7 @@ here):
 """
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import flax.linen as nn
@@ -219,14 +219,86 @@ def adam_coupled(learning_rate, weight_decay) -> optax.GradientTransformation:
                      optax.scale(-learning_rate))
 
 
+def _network(unit_features, *, hidden, dropout_rate, num_layers, architecture):
+  cls = MLPDiscriminator if architecture == "mlp" else GCN
+  return cls(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
+
+
+def train_setup(key, unit_features, params, *, hidden, dropout_rate, num_layers, adjacency_mode,
+                architecture="gcn"):
+  """The fixed part of GCN training: the graph, A V, initial parameters and Adam state.
+
+  Args: as `train_steps` (`key` only initialises `params` when they are None).
+  Returns:
+    (adjacency, propagated [N, dim] = A V or None, params, opt_state), the inputs of
+    `train_chunk` and `train_evaluate`.
+  """
+  model = _network(unit_features, hidden=hidden, dropout_rate=dropout_rate,
+                   num_layers=num_layers, architecture=architecture)
+  if architecture == "mlp":
+    adjacency, av = IdentityAdjacency(), None
+  else:
+    adjacency = build_adjacency(unit_features, adjacency_mode)
+    # A and V are fixed over all steps, so the first layer's A V is computed once.
+    av = propagate(adjacency, unit_features) if num_layers > 1 else None
+  if params is None:
+    params = model.init(jax.random.split(key)[0], unit_features, adjacency, train=False,
+                        propagated_features=av)["params"]
+  # Adam's state does not depend on the learning rate or decay (traced later).
+  return adjacency, av, params, adam_coupled(0.0, 0.0).init(params)
+
+
+def train_chunk(key, unit_features, labelled_mask, adjacency, propagated, params, opt_state,
+                first_step, total_steps, lambda_, learning_rate, weight_decay, *, hidden,
+                dropout_rate, num_layers, steps, architecture="gcn"):
+  """Adam steps first_step .. first_step + steps - 1 in one `lax.scan`; steps at or past
+  `total_steps` (traced) leave the parameters unchanged, so one compiled chunk length serves
+  every chunk of a run. Step s's dropout draws from fold_in(split(key)[1], s), whatever the
+  chunking: a run cut into chunks equals the run in one scan.
+
+  Returns:
+    (params, opt_state, losses [steps]); the losses of no-op steps are not meaningful.
+  """
+  model = _network(unit_features, hidden=hidden, dropout_rate=dropout_rate,
+                   num_layers=num_layers, architecture=architecture)
+  dropout_key = jax.random.split(key)[1]
+  tx = adam_coupled(learning_rate, weight_decay)
+
+  def loss_fn(p, step):
+    _, embedding = model.apply({"params": p}, unit_features, adjacency, train=True,
+                               propagated_features=propagated,
+                               rngs={"dropout": jax.random.fold_in(dropout_key, step)})
+    return gcn_loss_from_logits(embedding[:, -1], labelled_mask, lambda_)
+
+  def step_fn(carry, step):
+    loss, grads = jax.value_and_grad(loss_fn)(carry[0], step)
+    updates, opt_state = tx.update(grads, carry[1], carry[0])
+    new = (optax.apply_updates(carry[0], updates), opt_state)
+    return jax.tree.map(lambda n, o: jnp.where(step < total_steps, n, o), new, carry), loss
+
+  (params, opt_state), losses = jax.lax.scan(step_fn, (params, opt_state),
+                                             first_step + jnp.arange(steps))
+  return params, opt_state, losses
+
+
+def train_evaluate(unit_features, adjacency, propagated, params, *, hidden, dropout_rate,
+                   num_layers, architecture="gcn"):
+  """The eval-mode (no dropout) pass after training: (scores [N], embedding [N, hidden + 1])."""
+  model = _network(unit_features, hidden=hidden, dropout_rate=dropout_rate,
+                   num_layers=num_layers, architecture=architecture)
+  return model.apply({"params": params}, unit_features, adjacency, train=False,
+                     propagated_features=propagated)
+
+
 def train_steps(key, unit_features, labelled_mask, params, lambda_, learning_rate, weight_decay,
                 *, hidden, dropout_rate, num_layers, steps, adjacency_mode,
                 architecture="gcn") -> GCNResult:
-  """The program `train_gcn` compiles: initialisation, `steps` Adam steps in one `lax.scan`, and
-  the eval-mode pass after them. Traceable and unchecked, for inspection (`jax.make_jaxpr`).
+  """All of GCN training in one program: `train_setup`, `steps` Adam steps (`train_chunk`) and
+  `train_evaluate`. Traceable and unchecked, for inspection (`jax.make_jaxpr`).
 
   `train_gcn` checks the inputs and options, L2-normalises the features and resolves "auto",
-  then calls `train_steps_jit`.
+  then runs the same three parts as separately compiled programs (`train_setup_jit`,
+  `train_chunk_jit` chunk by chunk, `train_evaluate_jit`).
 
   Args:
     key: PRNG key for initialisation and dropout.
@@ -240,51 +312,68 @@ def train_steps(key, unit_features, labelled_mask, params, lambda_, learning_rat
   Returns:
     `GCNResult`.
   """
-  if architecture == "mlp":
-    adjacency, av = IdentityAdjacency(), None
-    model = MLPDiscriminator(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
-  else:
-    adjacency = build_adjacency(unit_features, adjacency_mode)
-    model = GCN(hidden, dropout_rate, num_layers, param_dtype=unit_features.dtype)
-    # A and V are fixed over all steps, so the first layer's A V is computed once.
-    av = propagate(adjacency, unit_features) if num_layers > 1 else None
-  init_key, dropout_key = jax.random.split(key)
-  if params is None:
-    params = model.init(init_key, unit_features, adjacency, train=False,
-                        propagated_features=av)["params"]
-  tx = adam_coupled(learning_rate, weight_decay)
-
-  def loss_fn(p, step):
-    _, embedding = model.apply({"params": p}, unit_features, adjacency, train=True,
-                               propagated_features=av,
-                               rngs={"dropout": jax.random.fold_in(dropout_key, step)})
-    return gcn_loss_from_logits(embedding[:, -1], labelled_mask, lambda_)
-
-  def step_fn(carry, step):
-    p, opt_state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(p, step)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return (optax.apply_updates(p, updates), opt_state), loss
-
-  (params, _), losses = jax.lax.scan(step_fn, (params, tx.init(params)), jnp.arange(steps))
-  scores, embedding = model.apply({"params": params}, unit_features, adjacency, train=False,
-                                  propagated_features=av)
+  net = dict(hidden=hidden, dropout_rate=dropout_rate, num_layers=num_layers,
+             architecture=architecture)
+  adjacency, av, params, opt_state = train_setup(key, unit_features, params,
+                                                 adjacency_mode=adjacency_mode, **net)
+  params, _, losses = train_chunk(key, unit_features, labelled_mask, adjacency, av, params,
+                                  opt_state, 0, steps, lambda_, learning_rate, weight_decay,
+                                  steps=steps, **net)
+  scores, embedding = train_evaluate(unit_features, adjacency, av, params, **net)
   return GCNResult(params, scores, embedding, losses)
 
 
 TRAIN_STATIC_ARGNAMES = ("hidden", "dropout_rate", "num_layers", "steps", "adjacency_mode",
                          "architecture")
-# `train_steps` compiled once per shape and static option. `train_gcn` calls it through this
-# module attribute, so it can be replaced (e.g. by a wrapper that counts traces or calls).
-train_steps_jit = jax.jit(train_steps, static_argnames=TRAIN_STATIC_ARGNAMES)
+# The parts, compiled once per shape and static option. `train_gcn` calls them through these
+# module attributes, so they can be replaced (e.g. to count traces).
+train_setup_jit = jax.jit(train_setup, static_argnames=("hidden", "dropout_rate", "num_layers",
+                                                        "adjacency_mode", "architecture"))
+train_chunk_jit = jax.jit(train_chunk, static_argnames=("hidden", "dropout_rate", "num_layers",
+                                                        "steps", "architecture"))
+train_evaluate_jit = jax.jit(train_evaluate, static_argnames=("hidden", "dropout_rate",
+                                                              "num_layers", "architecture"))
+# `train_gcn`'s default most steps per compiled chunk (the reference's 200 steps: 4 chunks), so
+# a long training reports its losses as it goes; the chunking does not change the result.
+GCN_CHUNK_STEPS = 50
+
+
+def _train_in_chunks(key, unit, labelled_mask, params, lambda_, learning_rate, weight_decay, *,
+                     steps, chunk_steps, on_chunk, adjacency_mode, **net):
+  """`train_steps`' arithmetic as compiled parts: `train_setup_jit`, ceil(steps / chunk_steps)
+  calls of `train_chunk_jit` of one length (the last may hold a few no-op steps), each followed
+  by `on_chunk(first_step, losses)`, and `train_evaluate_jit`."""
+  count = max(1, -(-steps // chunk_steps))
+  # At least 2: XLA inlines a one-step loop, fusing it otherwise and rounding differently.
+  length = max(2, -(-steps // count))
+  adjacency, av, params, opt_state = train_setup_jit(key, unit, params,
+                                                     adjacency_mode=adjacency_mode, **net)
+  losses = []
+  for first in range(0, steps, length):
+    params, opt_state, chunk = train_chunk_jit(
+        key, unit, labelled_mask, adjacency, av, params, opt_state, first, steps, lambda_,
+        learning_rate, weight_decay, steps=length, **net)
+    chunk = np.asarray(chunk)[:steps - first]
+    losses.append(chunk)
+    if on_chunk is not None:
+      on_chunk(first, chunk)
+  scores, embedding = train_evaluate_jit(unit, adjacency, av, params, **net)
+  return GCNResult(params, scores, embedding,
+                   jnp.asarray(np.concatenate(losses) if losses else np.zeros((0,), unit.dtype)))
 
 
 def check_gcn_options(*, hidden, dropout_rate, num_layers, lambda_, steps, learning_rate,
                       weight_decay, adjacency, architecture="gcn") -> None:
   """Raises ValueError (every problem in one message) for GCN options that cannot train.
 
-  Called by `train_gcn` and, before any learner training, by the experiment loop.
+  Called by `train_gcn`, by the GCN samplers' option checks (so `jax-seqgcn select` too) and,
+  before any learner training, by the experiment loop. Besides types and signs, `steps` is at
+  most 10**6 and `hidden` at most 65536: larger values ran out of memory or ran for days in a
+  probe, so they are refused up front, saying why.
   """
+  # Upper bounds (value, why); bools are refused as ints by `checks.is_int`.
+  max_steps = (10 ** 6, "the per-step loss history and time grow with it")
+  max_hidden = (65536, "one [nodes, hidden] array per GCN layer")
   problems = []
   if adjacency not in ADJACENCY_MODES:
     problems.append(f"adjacency must be one of {ADJACENCY_MODES}, got {adjacency!r}")
@@ -292,10 +381,14 @@ def check_gcn_options(*, hidden, dropout_rate, num_layers, lambda_, steps, learn
     problems.append(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
   if not checks.is_int(hidden) or hidden < 1:
     problems.append(f"hidden must be an int >= 1, got {hidden!r}")
+  elif hidden > max_hidden[0]:
+    problems.append(f"hidden must be <= {max_hidden[0]}, got {hidden!r}: {max_hidden[1]}")
   if not checks.is_int(num_layers) or num_layers not in (1, 2, 3):
     problems.append(f"num_layers must be 1, 2 or 3, got {num_layers!r}")
   if not checks.is_int(steps) or steps < 0:
     problems.append(f"steps must be an int >= 0, got {steps!r}")
+  elif steps > max_steps[0]:
+    problems.append(f"steps must be <= {max_steps[0]}, got {steps!r}: {max_steps[1]}")
   if not checks.is_real(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
     problems.append(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
   for name, value in (("learning_rate", learning_rate), ("lambda_", lambda_)):
@@ -316,12 +409,15 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
               weight_decay: float = GCN_DEFAULTS["weight_decay"],
               num_layers: int = GCN_DEFAULTS["num_layers"], params: Params = None,
               adjacency: str = GCN_DEFAULTS["adjacency"],
-              architecture: str = "gcn") -> GCNResult:
+              architecture: str = "gcn", chunk_steps: int = GCN_CHUNK_STEPS,
+              on_chunk: Optional[Callable[[int, np.ndarray], None]] = None) -> GCNResult:
   """Trains the GCN to tell labelled from unlabelled nodes (paper Eq. 6), full graph, Adam.
 
-  Node features are L2-normalised here (as the reference does before `aff_to_adj`). All `steps`
-  Adam steps (lr, coupled L2 decay as torch `Adam(weight_decay=...)`) run in one compiled
-  `lax.scan`; one compile per (shape, static option) combination. Dropout draws from `key`.
+  Node features are L2-normalised here (as the reference does before `aff_to_adj`). The `steps`
+  Adam steps (lr, coupled L2 decay as torch `Adam(weight_decay=...)`) run in compiled
+  `lax.scan` chunks of at most `chunk_steps` (all in one program when `steps <= chunk_steps`),
+  with the same result however they are chunked; one compile per (shape, static option)
+  combination. Dropout draws from `key`.
   Defaults are the reference's (`GCN_DEFAULTS`; hidden 128 where the paper's text says 512).
 
   Args:
@@ -337,6 +433,9 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
       operator up to float rounding), "auto" (the cheaper that fits, see `choose_adjacency`), or
       the ablations "identity" (A = I) and "ones" (`OnesAdjacency`, matrix-free).
     architecture: "gcn", or "mlp" for `MLPDiscriminator` (UncertainDiscriminator; no graph).
+    chunk_steps: most Adam steps per compiled chunk (`GCN_CHUNK_STEPS`), >= 2.
+    on_chunk: optional `on_chunk(first_step, losses)` called after each chunk with its [k]
+      host losses (progress of a long training; `samplers` report them as "gcn"/"mlp").
   Returns:
     `GCNResult(params, scores [N], embedding [N, hidden + 1], losses [steps])`; scores and
     embedding come from an eval-mode (no dropout) pass after training.
@@ -348,6 +447,8 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
   check_gcn_options(hidden=hidden, dropout_rate=dropout_rate, num_layers=num_layers,
                     lambda_=lambda_, steps=steps, learning_rate=learning_rate,
                     weight_decay=weight_decay, adjacency=adjacency, architecture=architecture)
+  if not checks.is_int(chunk_steps) or chunk_steps < 2:
+    raise ValueError(f"chunk_steps must be an int >= 2, got {chunk_steps!r}")
   features = checks.features(features)
   labelled_mask = checks.mask(labelled_mask, features.shape[0], need_both=True)
   unit = l2_normalize(features)
@@ -358,10 +459,11 @@ def train_gcn(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, *,
     adjacency = choose_adjacency(unit.shape[0], unit.shape[1], unit.dtype)
   if params is not None:
     params = jax.tree.map(lambda p: jnp.asarray(p, unit.dtype), params)
-  result = train_steps_jit(key, unit, labelled_mask, params, lambda_, learning_rate,
-                           weight_decay, hidden=int(hidden), dropout_rate=float(dropout_rate),
-                           num_layers=int(num_layers), steps=int(steps),
-                           adjacency_mode=adjacency, architecture=architecture)
+  net = dict(hidden=int(hidden), dropout_rate=float(dropout_rate), num_layers=int(num_layers),
+             adjacency_mode=adjacency, architecture=architecture)
+  result = _train_in_chunks(key, unit, labelled_mask, params, lambda_, learning_rate,
+                            weight_decay, steps=int(steps), chunk_steps=int(chunk_steps),
+                            on_chunk=on_chunk, **net)
   if not (np.isfinite(np.asarray(result.scores)).all()
           and np.isfinite(np.asarray(result.embedding)).all()):
     raise FloatingPointError(

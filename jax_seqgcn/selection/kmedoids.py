@@ -44,7 +44,6 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_seqgcn import checks
 
@@ -316,7 +315,7 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
     raise ValueError(f"k must be an int in [1, {num_candidates}] (the number of candidates), "
                      f"got {k!r}")
   check_max_sweeps(max_sweeps)
-  if not isinstance(rel_tol, (int, float, np.floating)) or not 0.0 <= rel_tol < 1.0:
+  if not checks.is_real(rel_tol) or not 0.0 <= rel_tol < 1.0:
     raise ValueError(f"rel_tol must be a number in [0, 1), got {rel_tol!r}")
   if not checks.is_int(block) or block < 1:
     raise ValueError(f"block must be an int >= 1, got {block!r}")
