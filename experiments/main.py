@@ -11,6 +11,9 @@ GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (jax_seqgcn/runtime/host_memory.py: huge p
 XLA:CPU's per-epoch buffers; the programs it starts do not inherit the setting);
 JAX_SEQGCN_HUGEPAGES=0 turns that off.
 
+Errors are one line (`error: ...`, exit code 1): a bad config or flag (an unknown --config
+field too), data, workdir, permission and full-disk errors, a diverged learner or sampler.
+
 SIGTERM (a preemption notice) saves the learner at the next epoch boundary, prints one line
 saying where, and exits with code 0; rerunning the same command resumes there
 (jax_seqgcn/experiment/preemption.py).
@@ -18,7 +21,9 @@ saying where, and exits with code 0; rerunning the same command resumes there
 
 import os
 import pathlib
+import re
 import sys
+import warnings
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ and the package
 
@@ -39,8 +44,31 @@ flags.DEFINE_string("compilation_cache", "~/.cache/jax-seqgcn/xla",  # compilati
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with an unknown `--config.<field>` reported in one line (ml_collections
+  raises a chain of KeyError and AttributeError tracebacks for it)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as err:
+    # The message quotes the missing key: name the flag that holds it.
+    match = re.search(r"'([^'\"]+)'", str(err))
+    key = match[1] if match else str(err)
+    given = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = [a for a in given if key in a[len("--config."):].split(".")] or given
+    sys.exit(f"error: {', '.join(named) or 'a --config flag'}: the config has no field {key!r} "
+             "(configs/default.py lists every field)")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+  del lineno, line
+  if f"{os.sep}jax_seqgcn{os.sep}" in filename:  # ours are full sentences: one line each
+    return f"warning: {message}\n"
+  return f"{filename}: {category.__name__}: {message}\n"
+
+
 def main(argv):
   del argv
+  warnings.formatwarning = _one_line_warning
   from jax_seqgcn.runtime import host_memory  # pylint: disable=g-import-not-at-top
   host_memory.reexec_with_hugepages()  # once, before any work: see its docstring
   # TensorFlow is only imported if tfds is used; keep its start-up logs quiet.
@@ -67,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -23,6 +23,8 @@ from jax_seqgcn.training import state as state_lib
 
 # config.sampler keys that are not sampler options.
 _SAMPLER_META = ("name",)
+# config.data fields that cap how many examples are used (today only the test split's).
+_DATA_LIMITS = ("max_test",)
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,11 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
   for name in ("epochs", "batch_size", "eval_batch_size"):
     if not checks.is_int(config.train[name]) or config.train[name] <= 0:
       problems.append(f"train.{name} must be a positive int, got {config.train[name]!r}")
+  # The data limits: 0 means the whole split; a negative one would slice from the end.
+  for name in _DATA_LIMITS:
+    value = config.data.get(name, 0)
+    if not checks.is_int(value) or value < 0:
+      problems.append(f"data.{name} must be an int >= 0 (0: the whole split), got {value!r}")
   if not isinstance(save_embeddings(config), bool):
     problems.append(f"al.save_embeddings must be True or False, got {al.save_embeddings!r}")
   problems += _train_problems(config.train)

@@ -26,6 +26,7 @@ images; Random gets nothing and costs no pass. What a sampler needs from the lea
 (`samplers.Sampler.training_kwargs`).
 """
 
+import inspect
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
@@ -42,6 +43,8 @@ from jax_seqgcn.training import state as state_lib
 
 # Pool fields computed by the learner's eval pass.
 FORWARD_FIELDS = ("features", "probabilities", "predicted_losses")
+# `training.fit`'s batch when `fit_kwargs` names none.
+_FIT_BATCH_SIZE = inspect.signature(training.fit).parameters["batch_size"].default
 
 
 class CycleSetup(NamedTuple):
@@ -105,17 +108,33 @@ def make_setup(*, model, sampler, task: str = "classification", preprocessing=No
                     parallel.make_mesh() if mesh is None else mesh)
 
 
+def train_batch_size(setup: CycleSetup, num_labelled: int) -> int:
+  """The batch `train_learner` uses for `num_labelled` examples: `fit_kwargs["batch_size"]`,
+  at most the labelled count rounded up to the mesh's device count.
+
+  A larger batch would only add zero-weight duplicates (`training.fit` fills the last batch),
+  which cost memory (an out-of-memory error for a huge batch) and change BatchNorm's batch
+  statistics; capped, any batch >= the labelled set trains the same, one batch of all of it,
+  as the reference's torch DataLoader does.
+  """
+  batch = int(setup.fit_kwargs.get("batch_size", _FIT_BATCH_SIZE))
+  shards = parallel.num_data_shards(setup.mesh)
+  return min(batch, max(1, -(-int(num_labelled) // shards)) * shards)
+
+
 def train_learner(setup: CycleSetup, key: jax.Array, images, targets, *,
                   progress: Optional[Callable[[int, int, dict], None]] = None,
                   **resume_kwargs):
-  """A fresh learner trained on [L, H, W, C] `images` and their targets (`training.fit`).
+  """A fresh learner trained on [L, H, W, C] `images` and their targets (`training.fit`), with
+  batches of `train_batch_size(setup, L)`.
 
   `resume_kwargs`: `training.fit`'s `initial_state`, `start_epoch` (continue a saved fit) and
   `on_epoch_end` (e.g. save one), passed through.
   """
+  fit_kwargs = dict(setup.fit_kwargs, batch_size=train_batch_size(setup, len(images)))
   return training.fit(key, setup.model, images, targets, task=setup.task,
              preprocessing=setup.preprocessing, mesh=setup.mesh, progress=progress,
-             **resume_kwargs, **setup.fit_kwargs)
+             **resume_kwargs, **fit_kwargs)
 
 
 def test_learner(setup: CycleSetup, state, images, targets) -> float:

@@ -25,13 +25,19 @@ sampler stage that reports, per cycle), without duplicates on resume.
 
 Every config field is checked before the data is loaded, and the data-dependent ones (pool size,
 targets, image size) right after, before the workdir is written to.
+
+Resume checks the side files against the checkpoint, which holds every trial's labelled set:
+a missing or damaged `labelled/*.npy` is rewritten (one line says so); a damaged or stale
+`embeddings/*.npz` is removed, and missing ones are named in one warning line (they cannot be
+recomputed without retraining). A full disk stops the run with one line (`workdir.DiskFullError`,
+the checkpoints intact) and the rerun resumes; a diverging sampler is a `RunError`.
 """
 
 import contextlib
 import math
 import pathlib
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import jax
 import ml_collections
@@ -139,6 +145,10 @@ class _Run:
     self.store = workdir_lib.CheckpointStore(workdir / "checkpoints")
     self.resolved = workdir_lib.config_to_dict(config)
     self.records: List[results_lib.Record] = []
+    # {trial: its latest labelled set}: a finished trial's final set holds every cycle's set as
+    # a prefix (picks are appended), so the checkpoint can restore any labelled/*.npy.
+    self.trial_sets: Dict[int, np.ndarray] = {}
+    self.said_batch = False
     # The running cycle's latest epoch checkpoint (`experiment.preemption`).
     self.epoch_checkpoints = preemption.make(config, workdir)
     # TensorBoard events and metrics.jsonl; opened by `_run_locked` once the resume point is
@@ -162,16 +172,25 @@ class _Run:
     """`cycle.run_cycle` of (trial, cycle); saves what the sampler saw when asked to."""
     al = self.config.al
     last = cycle == (1 if al.upper_bound else al.cycles) - 1
+    batch = cycle_lib.train_batch_size(self.setup, len(labelled))
+    if batch < self.config.train.batch_size and not self.said_batch:
+      self.said_batch = True  # once: the labelled set grows, the rule stays
+      _say(f"note: train.batch_size {self.config.train.batch_size} is larger than the labelled "
+           f"set ({len(labelled)}); while it is, each epoch trains on the whole labelled set "
+           "as one batch")
     resume = self.epoch_checkpoints.fit_kwargs(trial, cycle, labelled)
     self.metrics.start_cycle(trial, cycle, resume.get("start_epoch", 0))
     record = lambda epoch, metrics: self.metrics.write_epoch(trial, cycle, epoch, metrics)
-    with progress_lib.reporting(_sampler_reporter(self.metrics, trial, cycle, prefix)):
-      result = cycle_lib.run_cycle(
-          self.setup, self.cycle_key(trial, cycle), self.dataset, labelled,
-          budget=None if last else al.budget, subset=None if al.whole_pool else al.subset,
-          progress=progress_callback(self.config, prefix, record=record,
-                                     num_examples=len(labelled)),
-          **resume)
+    try:
+      with progress_lib.reporting(_sampler_reporter(self.metrics, trial, cycle, prefix)):
+        result = cycle_lib.run_cycle(
+            self.setup, self.cycle_key(trial, cycle), self.dataset, labelled,
+            budget=None if last else al.budget, subset=None if al.whole_pool else al.subset,
+            progress=progress_callback(self.config, prefix, record=record,
+                                       num_examples=len(labelled)),
+            **resume)
+    except FloatingPointError as err:  # a sampler's own training diverged (GCN, VAAL)
+      raise RunError(f"{prefix.strip()}: {err}. Earlier cycles are saved.") from err
     if result.selection is not None and config_lib.save_embeddings(self.config):
       selection = result.selection
       features = selection.pool.features
@@ -185,12 +204,23 @@ class _Run:
 
   # Checkpoints: global step = trial * cycles + cycle, saved once that cycle is complete.
   def save(self, step: int, next_labelled: np.ndarray) -> None:
-    tree = {"labelled": np.asarray(next_labelled, np.int64),
+    trial = step // self.cycles
+    self.trial_sets[trial] = np.asarray(next_labelled, np.int64)
+    tree = {"labelled": self.trial_sets[trial],
             "results": results_lib.records_to_array(self.records),
             "seed": np.int64(self.config.seed),
             "config": workdir_lib.encode_config(self.resolved)}
+    # The earlier trials' final sets, one after the other (orbax saves no empty array); not
+    # known after resuming an older checkpoint that lacks them.
+    past = [self.trial_sets.get(t) for t in range(trial)]
+    if past and all(p is not None for p in past):
+      tree["past_labelled"] = np.concatenate(past)
     self.store.save(step, tree)
     self.write_outputs()
+
+  @property
+  def cycles(self) -> int:
+    return 1 if self.config.al.upper_bound else self.config.al.cycles
 
   def restore(self):
     """(last complete step, labelled set after it), or (-1, None); refuses another run's."""
@@ -201,7 +231,48 @@ class _Run:
       workdir_lib.check_same_run(self.workdir, workdir_lib.decode_config(tree["config"]),
                                  self.resolved, f"checkpoint {step}")
     self.records = results_lib.records_from_array(np.asarray(tree["results"]))
-    return step, np.asarray(tree["labelled"])
+    labelled = np.asarray(tree["labelled"], np.int64)
+    self.trial_sets = _trial_sets(self.records, step // self.cycles, labelled,
+                                  tree.get("past_labelled"))
+    return step, labelled
+
+  def check_side_files(self) -> None:
+    """Rewrites the missing or damaged labelled sets of the completed cycles from the
+    checkpoint; removes damaged or stale saved selections and names the missing ones (they
+    cannot be recomputed without retraining). One line for each kind of repair."""
+    if not parallel.is_main_process():
+      return
+    al, rewritten, unknown, lost = self.config.al, [], [], []
+    save_embeddings = config_lib.save_embeddings(self.config)
+    for r in self.records:
+      known = self.trial_sets.get(r.trial)
+      path = _labelled_path(self.workdir, r.trial, r.cycle)
+      expected = None if known is None or len(known) < r.n_labelled else known[:r.n_labelled]
+      if expected is None:
+        if not _is_int_vector(path, r.n_labelled):
+          unknown.append(path.name)
+      elif not _equal_file(path, expected):
+        np.save(path, expected)
+        rewritten.append(path.name)
+      if save_embeddings and r.cycle < self.cycles - 1:  # a cycle that selected
+        after = (None if known is None or len(known) < r.n_labelled + al.budget
+                 else known[:r.n_labelled + al.budget])
+        file = embeddings_lib.path(self.workdir, r.trial, r.cycle)
+        problem = _selection_problem(file, expected, after)
+        if problem:
+          if problem != "missing":
+            file.unlink()
+          lost.append(f"{file.name} ({problem}{'' if problem == 'missing' else ', removed'})")
+    where = self.workdir / "labelled"
+    if rewritten:
+      _say(f"rewrote {len(rewritten)} labelled set(s) in {where} from the checkpoint (missing or "
+           f"damaged): {', '.join(rewritten)}")
+    if unknown:
+      _warn(f"{', '.join(unknown)} in {where} are missing or damaged and this checkpoint (from "
+            "an older version) cannot restore them")
+    if lost:
+      _warn(f"saved selections in {self.workdir / embeddings_lib.DIRECTORY} that cannot be "
+            f"recomputed without retraining: {', '.join(lost)}")
 
   def write_outputs(self) -> None:
     if not parallel.is_main_process():
@@ -248,8 +319,15 @@ def run(config: ml_collections.ConfigDict, workdir) -> List[results_lib.Record]:
   # Only the main process writes, so only it locks.
   holder = workdir_lib.lock(workdir) if parallel.is_main_process() else contextlib.nullcontext()
   # SIGTERM saves at the next epoch boundary and raises `preemption.Preempted`.
-  with holder, preemption.sigterm_saves():
-    return _run_locked(config, workdir)
+  try:
+    with holder, preemption.sigterm_saves(), workdir_lib.quiet_orbax():
+      return _run_locked(config, workdir)
+  except Exception as err:  # pylint: disable=broad-except
+    # Any write may meet a full disk (event files, results, checkpoints): one line; what is
+    # saved stays consistent (files are replaced atomically, orbax commits by renaming).
+    if workdir_lib.disk_full(err) and not isinstance(err, workdir_lib.DiskFullError):
+      raise workdir_lib.disk_full_error(f"writing to {workdir}") from None
+    raise
 
 
 def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
@@ -277,6 +355,7 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
   if last_step >= 0:
     _say(f"resuming {workdir} after trial {last_step // cycles + 1} cycle "
          f"{last_step % cycles + 1}")
+    exp.check_side_files()
     exp.write_outputs()
   try:
     for step in range(last_step + 1, al.trials * cycles):
@@ -305,11 +384,90 @@ def _run_locked(config, workdir: pathlib.Path) -> List[results_lib.Record]:
       labelled = next_labelled
       exp.epoch_checkpoints.clear()  # the cycle is saved: its epoch checkpoint is stale
       exp.epoch_checkpoints.check_between_cycles(trial, cycle, step == al.trials * cycles - 1)
-  finally:
-    exp.store.close()
-    exp.epoch_checkpoints.close()
-    exp.metrics.close()
+  except BaseException:
+    # The error in flight is the one to report: closing after it (e.g. waiting for an epoch
+    # checkpoint that the same full disk failed) must not replace it.
+    _close(exp, quiet=True)
+    raise
+  _close(exp, quiet=False)
   return exp.records
+
+
+def _close(exp: _Run, *, quiet: bool) -> None:
+  """Closes the checkpoint stores and the metrics; with `quiet`, their errors are dropped."""
+  for close in (exp.store.close, exp.epoch_checkpoints.close, exp.metrics.close):
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      if not quiet:
+        raise
+
+
+def _trial_sets(records, trial: int, labelled: np.ndarray, past) -> Dict[int, np.ndarray]:
+  """{trial: latest labelled set} from a checkpoint: `labelled` for the checkpoint's `trial`,
+  and `past` (the earlier trials' final sets one after the other, each as long as its last
+  cycle's labelled count) split; without `past` (an older checkpoint) only `trial` is known."""
+  sets = {trial: labelled}
+  sizes = {}
+  for r in records:
+    if r.trial < trial:
+      sizes[r.trial] = max(sizes.get(r.trial, 0), r.n_labelled)
+  past = None if past is None else np.asarray(past, np.int64)
+  if past is not None and len(past) == sum(sizes.values()):
+    start = 0
+    for t in sorted(sizes):
+      sets[t] = past[start:start + sizes[t]]
+      start += sizes[t]
+  return sets
+
+
+def _equal_file(path: pathlib.Path, expected: np.ndarray) -> bool:
+  """Whether the .npy at `path` holds exactly `expected` (same dtype too)."""
+  try:
+    saved = np.load(path, allow_pickle=False)
+  except Exception:  # pylint: disable=broad-except  (missing, truncated, not an npy)
+    return False
+  return saved.dtype == expected.dtype and np.array_equal(saved, expected)
+
+
+def _selection_problem(path: pathlib.Path, before, after) -> Optional[str]:
+  """Why a saved selection is unusable: "missing", "damaged" (unreadable or inconsistent
+  arrays) or "stale" (its labelled set or picks are not the checkpoint's: `before`, the
+  cycle's labelled set, and `after`, the next one; None where unknown); None when it is good."""
+  if not path.exists():
+    return "missing"
+  try:
+    saved = embeddings_lib.load(path)  # reads every array: a truncated zip fails here
+    m = len(saved.ids)
+    good = (saved.ids.ndim == 1 and saved.embeddings.shape[:1] == (m,)
+            and saved.embeddings.ndim == 2 and saved.labelled.shape == (m,)
+            and saved.labelled.dtype == bool and saved.picked.ndim == 1
+            and bool(np.all((saved.picked >= 0) & (saved.picked < m))))
+  except Exception:  # pylint: disable=broad-except  (zip, npy and key errors)
+    return "damaged"
+  if not good:
+    return "damaged"
+  labelled = saved.ids[saved.labelled]
+  if before is not None and not np.array_equal(labelled, before):
+    return "stale"
+  if after is not None and not np.array_equal(
+      np.concatenate([labelled, saved.ids[saved.picked]]), after):
+    return "stale"
+  return None
+
+
+def _is_int_vector(path: pathlib.Path, size: int) -> bool:
+  try:
+    saved = np.load(path, allow_pickle=False)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return saved.shape == (size,) and np.issubdtype(saved.dtype, np.integer)
+
+
+def _warn(message: str) -> None:
+  """One warning line on stderr (main process only)."""
+  if parallel.is_main_process():
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _agreed(last_step: int, labelled):

@@ -41,6 +41,7 @@ never written again, and the interrupted cycle's are written by the run that com
 """
 
 import json
+import logging
 import pathlib
 import re
 import struct
@@ -90,6 +91,9 @@ class MetricsWriter:
       return
     # A missing writer fails here, before any training.
     import tensorboardX  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    # A diverged sampler's NaN losses are recorded on purpose; tensorboardX would log a warning
+    # for every one of them.
+    logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
     self.workdir.mkdir(parents=True, exist_ok=True)
     # The cycle after `completed` may be continued from an epoch checkpoint: which of its epoch
     # points to keep is decided by `start_cycle`; later cycles' points go now.
@@ -205,8 +209,12 @@ class MetricsWriter:
   def end_cycle(self) -> None:
     """Flushes and closes the current cycle's event file (if any)."""
     if self._writer is not None:
-      self._writer.close()
-      self._writer, self._cycle = None, None
+      writer, self._writer, self._cycle = self._writer, None, None
+      try:
+        writer.close()
+      except OSError:
+        _abandon(writer)
+        raise
 
   def close(self) -> None:
     self.end_cycle()
@@ -219,6 +227,24 @@ class MetricsWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _abandon(writer) -> None:
+  """Marks a tensorboardX writer whose close failed (e.g. a full disk) as closed, so that its
+  exit hook does not try again and print a second traceback after the run's one-line error."""
+  # pylint: disable=protected-access
+  for file_writer in (getattr(writer, "all_writers", None) or {}).values():
+    event_writer = getattr(file_writer, "event_writer", None)
+    if not hasattr(event_writer, "_closed"):
+      continue
+    event_writer._closed = True
+    # Its writer thread would else die at exit on the queue that Python closes under it.
+    worker = getattr(event_writer, "_worker", None)
+    if worker is not None:
+      try:
+        worker.stop()
+      except Exception:  # pylint: disable=broad-except  (it may be dead already)
+        pass
 
 
 def images_per_second(num_examples: int):
