@@ -23,6 +23,9 @@ def get_config():
   config.learner = ml_collections.ConfigDict()
   config.learner.name = "resnet18"  # resnet18 | vgg11 | deepprior | small_cnn
   config.learner.task = "classification"  # classification | regression
+  # Dropout rate before the classifier head, in training and in BALD's MC passes (0: none).
+  # BALD and PowerBALD need it > 0; it changes the learner, so it is part of the run.
+  config.learner.mc_dropout = 0.0
 
   config.train = ml_collections.ConfigDict()  # protocol §2
   config.train.epochs = 200

@@ -197,6 +197,11 @@ def tiny_config(npz=None, **overrides):
   for dotted, value in overrides.items():
     section, _, name = dotted.rpartition("__")
     (config[section] if section else config)[name] = value
+  from jax_seqgcn import samplers  # pylint: disable=import-outside-toplevel
+  sampler = samplers.SAMPLERS.get(config.sampler.name)
+  if sampler is not None and "mc_probabilities" in sampler.needs and \
+      "learner__mc_dropout" not in overrides:
+    config.learner.mc_dropout = 0.5  # BALD's samplers need a learner with MC dropout
   return config
 
 

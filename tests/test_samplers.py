@@ -24,10 +24,13 @@ def full_pool(features, mask, seed=0, num_classes=4, image_shape=(28, 28, 1)):
   n = features.shape[0]
   logits = rng.normal(size=(n, num_classes))
   probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  mc_logits = logits[None] + rng.normal(size=(5, n, num_classes))  # 5 MC-dropout passes
+  mc_probabilities = np.exp(mc_logits) / np.exp(mc_logits).sum(axis=-1, keepdims=True)
   return samplers.Pool(mask, features=features,
                        images=rng.uniform(size=(n,) + image_shape).astype(np.float32),
                        predicted_losses=rng.normal(size=n).astype(np.float32),
-                       probabilities=probabilities.astype(np.float32))
+                       probabilities=probabilities.astype(np.float32),
+                       mc_probabilities=mc_probabilities.astype(np.float32))
 
 
 def test_selection_rules_reproduce_reference(ref):

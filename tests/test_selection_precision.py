@@ -23,7 +23,11 @@ import jax_seqgcn
 from jax_seqgcn import samplers
 from jax_seqgcn.samplers import badge
 from jax_seqgcn.samplers import featprop
+from jax_seqgcn.samplers import probcover
+from jax_seqgcn.samplers import typiclust
 from jax_seqgcn.selection import graph
+from jax_seqgcn.selection import coverage
+from jax_seqgcn.selection import kmeans
 from jax_seqgcn.selection import kmedoids
 
 N, DIM, CLASSES = 48, 6, 3
@@ -36,7 +40,7 @@ LEARNER_LIKE = {"VAAL"}
 # functions that share its programs (one capture compiles each program once: the GCN's training
 # is the slow part). Every other registered sampler, new ones included, is checked on its own.
 WITH_PRODUCTS = {"CoreSet", "UncertainGCN", "CoreGCN", "UncertainDiscriminator", "FeatProp",
-                 "BADGE"}
+                 "BADGE", "TypiClust", "ProbCover"}
 
 _DOT = re.compile(r"stablehlo\.dot(_general)?\b")
 _HIGHEST = ("precision = [HIGHEST, HIGHEST]",
@@ -143,9 +147,18 @@ def test_samplers_with_products_are_registered():
 def test_other_registered_samplers(name):
   features, labelled, probabilities = _inputs()
   pool = jax_seqgcn.Pool(labelled, features=features, probabilities=probabilities,
-                         predicted_losses=features[:, 0])
+                         predicted_losses=features[:, 0],
+                         mc_probabilities=np.stack([probabilities, probabilities[::-1]]))
   assert_all_highest(lambda: jax_seqgcn.get_sampler(name)(jax.random.key(0), pool, 5),
                      expect_products=False)
+
+
+def test_mc_dropout_predictions():
+  # BALD's T passes feed the selection: their head products are HIGHEST too.
+  features, _, _ = _inputs()
+  head = {"kernel": np.ones((DIM, CLASSES), np.float32), "bias": np.zeros(CLASSES, np.float32)}
+  assert assert_all_highest(lambda: jax_seqgcn.training.mc_dropout_probabilities(
+      jax.random.key(0), head, features, 0.5, 3)) >= 1
 
 
 def test_uncertain_gcn_and_core_gcn():
@@ -233,3 +246,19 @@ def test_badge():
       _registered("BADGE", features, labelled, probabilities),
       badge.badge(jax.random.key(0), features, probabilities, labelled, 5),
       badge.sq_distances_to(factors, 3)))
+
+
+def test_typiclust_and_k_means():
+  features, labelled, _ = _inputs()
+  assert_all_highest(lambda: (
+      _registered("TypiClust", features, labelled, typiclust_iterations=2),
+      typiclust.typiclust(jax.random.key(0), features, labelled, 5, typiclust_max_clusters=4),
+      kmeans.k_means(jax.random.key(0), features, 3, iterations=2).centroids))
+
+
+def test_probcover_and_ball_graph():
+  features, labelled, _ = _inputs()
+  assert_all_highest(lambda: (
+      _registered("ProbCover", features, labelled),
+      probcover.probcover(jax.random.key(0), features, labelled, 5, probcover_delta=0.3),
+      coverage.ball_edges(features, 1.0, block=16).src))

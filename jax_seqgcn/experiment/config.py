@@ -62,6 +62,16 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
         and "probabilities" in sampler.needs):
     problems.append(f"sampler {sampler.name} needs class probabilities, which a "
                     f"{config.learner.task} learner does not give")
+  mc_dropout = config.learner.get("mc_dropout", 0.0)
+  if not checks.is_real(mc_dropout) or not 0.0 <= mc_dropout < 1.0:
+    problems.append(f"learner.mc_dropout must be a number in [0, 1), got {mc_dropout!r}")
+  elif mc_dropout and config.learner.task != "classification":
+    problems.append("learner.mc_dropout is a dropout before a classifier's head; the "
+                    f"{config.learner.task} learner has none")
+  elif sampler is not None and "mc_probabilities" in sampler.needs and not mc_dropout:
+    problems.append(f"sampler {sampler.name} needs MC-dropout predictions: set "
+                    "learner.mc_dropout > 0 (the dropout rate before the learner's head, "
+                    "used in training and in the T passes; e.g. 0.5)")
   al = config.al
   for name in ("trials", "cycles", "initial", "budget", "subset"):
     if not checks.is_int(al[name]) or al[name] <= 0:

@@ -152,7 +152,8 @@ def forward(setup: CycleSetup, state, images, nodes) -> Dict[str, np.ndarray]:
                                compute_dtype=setup.compute_dtype)
 
 
-def embed_pool(setup: CycleSetup, state, images, nodes, labelled_mask) -> samplers.Pool:
+def embed_pool(setup: CycleSetup, state, images, nodes, labelled_mask,
+               key: Optional[jax.Array] = None) -> samplers.Pool:
   """The `samplers.Pool` of `images[nodes]` with just the fields the sampler needs.
 
   Args:
@@ -161,13 +162,27 @@ def embed_pool(setup: CycleSetup, state, images, nodes, labelled_mask) -> sample
     images: [N, H, W, C] the whole training split (raw).
     nodes: [M] ints into `images`.
     labelled_mask: [M] bool, True for the labelled nodes.
+    key: PRNG key of the MC-dropout passes; needed only for `mc_probabilities` (BALD), which
+      are `training.mc_dropout_probabilities` of the pass's embeddings with the learner's
+      `dropout_rate` and T = the sampler's `bald_samples` option.
+  Raises:
+    ValueError: the sampler needs MC-dropout predictions and the learner has no dropout.
   """
   fields = {}
   needs = setup.sampler.needs
-  if needs & set(FORWARD_FIELDS):
+  if needs & (set(FORWARD_FIELDS) | {"mc_probabilities"}):
     out = forward(setup, state, images, nodes)
     out["features"] = out.pop("embedding")
     fields.update({k: out[k] for k in FORWARD_FIELDS if k in needs})
+    if "mc_probabilities" in needs:
+      rate = getattr(setup.model, "dropout_rate", 0.0)
+      if not rate or key is None:
+        raise ValueError(f"sampler {setup.sampler.name} needs MC-dropout predictions: a "
+                         "classification learner built with dropout_rate > 0 "
+                         "(config.learner.mc_dropout) and a key")
+      fields["mc_probabilities"] = np.asarray(training.mc_dropout_probabilities(
+          key, state.params["head"], out["features"], rate,
+          setup.options.get("bald_samples", samplers.bald.DEFAULT_SAMPLES)))
   if "images" in needs:
     fields["images"] = augment.preprocess_all(images, nodes, setup.preprocessing)
   return samplers.Pool(labelled_mask, **fields)
@@ -229,7 +244,9 @@ def select(setup: CycleSetup, key: jax.Array, state, images, labelled, *, budget
       candidates(subset_key, labelled, len(images), subset))
   start = time.perf_counter()
   nodes = np.concatenate([unlabelled, labelled])
-  pool = embed_pool(setup, state, images, nodes, np.arange(len(nodes)) >= len(unlabelled))
+  # The MC-dropout passes (BALD) draw from their own stream of the sampler's key.
+  pool = embed_pool(setup, state, images, nodes, np.arange(len(nodes)) >= len(unlabelled),
+                    key=jax.random.fold_in(sampler_key, 1))
   embed_s = time.perf_counter() - start
   start = time.perf_counter()
   picks = np.asarray(setup.sampler(sampler_key, pool, budget, **setup.options), np.int32)

@@ -79,8 +79,11 @@ def make_setup(config, dataset: data_lib.Dataset, *, mesh=None) -> cycle_lib.Cyc
   task = config.learner.task
   num_outputs = (dataset.num_classes if task == "classification"
                  else dataset.train_targets.shape[1])
+  # MC dropout (BALD) only when asked for: no learner attribute otherwise (DeepPrior has none).
+  dropout = ({"dropout_rate": float(config.learner.mc_dropout)}
+             if config.learner.get("mc_dropout", 0.0) else {})
   model = models.get_learner(config.learner.name, num_classes=num_outputs,
-                             channels=dataset.train_images.shape[-1])
+                             channels=dataset.train_images.shape[-1], **dropout)
   return cycle_lib.make_setup(
       model=model, sampler=config.sampler.name, task=task,
       preprocessing=augment.preprocessing_for(config.data.name),

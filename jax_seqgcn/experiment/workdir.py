@@ -48,7 +48,7 @@ EXTENSIBLE = ("al.trials", "train.checkpoint_every")
 # Config fields added after workdirs were first written, with the value an older workdir (whose
 # config lacks the field) ran with: such a workdir resumes under a config holding that value.
 ADDED_FIELDS = {"train.compute_dtype": "float32", "al.save_embeddings": False,
-                "train.checkpoint_every": 0}
+                "train.checkpoint_every": 0, "learner.mc_dropout": 0.0}
 # Names orbax's standard step format reads as steps; what we set aside; orbax's unfinished saves.
 _STEP_NAME = re.compile(r"0|[1-9]\d*")
 _CORRUPT_PREFIX = "corrupt-"

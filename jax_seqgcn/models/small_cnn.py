@@ -71,12 +71,16 @@ class SmallCNN(nn.Module):
     platform: the platform whose kernels it uses: "cpu", "gpu", "cuda", "rocm", "tpu", or None
       (unbound: `training.fit`/`inference` bind their mesh's; applied directly, CPU's). See
       `jax_seqgcn.models.conv`; the parameters do not depend on it.
+    dropout_rate: dropout before the head only (0: none, the default). Active in training
+      and in MC-dropout passes (BALD; `training.mc_dropout_probabilities`); the embedding is
+      taken before it.
   """
   num_classes: int = 10
   conv_features: Sequence[int] = (32, 64)
   hidden: int = 128
   in_channels: int | None = None
   platform: Optional[str] = None
+  dropout_rate: float = 0.0
 
   @property
   def min_image_size(self) -> int:
@@ -107,5 +111,8 @@ class SmallCNN(nn.Module):
         pool1, train=train)
     flat = pool2.reshape(pool2.shape[0], -1)
     embedding = relu(torch_dense(self.hidden, flat.shape[-1], name="fc1")(flat))
-    logits = torch_dense(self.num_classes, self.hidden, name="head")(embedding)
+    head_input = embedding
+    if self.dropout_rate:
+      head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
+    logits = torch_dense(self.num_classes, self.hidden, name="head")(head_input)
     return logits, embedding, (conv1, pool1, conv2, pool2)

@@ -49,11 +49,15 @@ class VGG(nn.Module):
     platform: the platform whose kernels it uses: "cpu", "gpu", "cuda", "rocm", "tpu", or None
       (unbound: `training.fit`/`inference` bind their mesh's; applied directly, CPU's). See
       `jax_seqgcn.models.conv`; the variables do not depend on it.
+    dropout_rate: dropout before the head only (0: none, the default). Active in training
+      and in MC-dropout passes (BALD; `training.mc_dropout_probabilities`); the embedding is
+      taken before it.
   """
   num_classes: int = 10
   cfg: Sequence[int | str] = VGG11_CFG
   in_channels: int | None = None
   platform: Optional[str] = None
+  dropout_rate: float = 0.0
 
   @property
   def min_image_size(self) -> int:
@@ -88,7 +92,10 @@ class VGG(nn.Module):
                        impl=conv_impl(self.platform, train=train))(x)
         x = relu(batch_norm(train, f"bn{conv_index}", platform=self.platform)(x))
     embedding = jnp.mean(x, axis=(1, 2))
-    logits = torch_dense(self.num_classes, embedding.shape[-1], name="head")(embedding)
+    head_input = embedding
+    if self.dropout_rate:
+      head_input = nn.Dropout(self.dropout_rate, deterministic=not train)(embedding)
+    logits = torch_dense(self.num_classes, embedding.shape[-1], name="head")(head_input)
     return logits, embedding, tuple(pooled[:4])
 
 

@@ -11,12 +11,20 @@ what it needs. One module per family:
 * `featprop`: FeatProp (k-medoids of the unlabelled nodes on graph-propagated features).
 * `uncertainty`: Entropy, Margin, LeastConfidence on the learner's class probabilities.
 * `badge`: BADGE, k-means++ seeding on last-layer gradient embeddings (features + probabilities).
+* `power`: PowerEntropy, draws proportional to entropy^beta (`power_sample` for any score).
+* `typiclust`: TypiClust (TPC-RP), the most typical node of the least-labelled k-means clusters.
+* `probcover`: ProbCover, greedy max coverage of delta-balls on unit embeddings.
+* `cluster_margin`: ClusterMargin, round robin over HAC clusters of the smallest-margin nodes.
+* `bald`: BALD and PowerBALD on T MC-dropout predictions (`pool.mc_probabilities`).
 
 The functions `random`, `coreset`, `uncertain_gcn`, `core_gcn`, `uncertain_discriminator` take a
 features array directly: `(key, features, labelled_mask, budget, **options)`; `entropy`, `margin`,
 `least_confidence` take `(key, probabilities, labelled_mask, budget)`, and `badge.badge` (not
 re-exported: the name is the module's) takes `(key, features, probabilities, labelled_mask,
-budget)`.
+budget)`. `power_entropy` takes `(key, probabilities, labelled_mask, budget, **options)`;
+`typiclust.typiclust` and `probcover.probcover` `(key, features, labelled_mask, budget,
+**options)`, `cluster_margin.cluster_margin` `(key, features, probabilities, labelled_mask,
+budget, **options)` (not re-exported: their names are their modules').
 """
 
 from jax_seqgcn.samplers import base
@@ -27,6 +35,11 @@ from jax_seqgcn.samplers import learning_loss
 from jax_seqgcn.samplers import featprop
 from jax_seqgcn.samplers import uncertainty
 from jax_seqgcn.samplers import badge  # pylint: disable=g-bad-import-order (registry order)
+from jax_seqgcn.samplers import power
+from jax_seqgcn.samplers import typiclust
+from jax_seqgcn.samplers import probcover
+from jax_seqgcn.samplers import cluster_margin
+from jax_seqgcn.samplers import bald
 from jax_seqgcn.samplers.base import POOL_FIELDS
 from jax_seqgcn.samplers.base import SAMPLERS
 from jax_seqgcn.samplers.base import Pool
@@ -40,6 +53,8 @@ from jax_seqgcn.samplers.gcn import core_gcn_select
 from jax_seqgcn.samplers.gcn import uncertain_discriminator
 from jax_seqgcn.samplers.gcn import uncertain_gcn
 from jax_seqgcn.samplers.gcn import uncertain_gcn_select
+from jax_seqgcn.samplers.power import power_entropy
+from jax_seqgcn.samplers.power import power_sample
 from jax_seqgcn.samplers.uncertainty import confidence_scores
 from jax_seqgcn.samplers.uncertainty import entropy
 from jax_seqgcn.samplers.uncertainty import entropy_scores

@@ -10,7 +10,9 @@ then the labelled set; any order works):
   (float16 and bfloat16 are upcast: in float16 the GCN's training overflows);
 * `images` [N, H, W, C] float32 images after the learner's eval preprocessing;
 * `predicted_losses` [N] outputs of a loss-prediction module trained with the learner;
-* `probabilities` [N, C] the learner's softmax outputs.
+* `probabilities` [N, C] the learner's softmax outputs;
+* `mc_probabilities` [T, N, C] T softmax outputs with MC dropout before the learner's head
+  (BALD; `training.mc_dropout_probabilities`).
 
 Each registered sampler declares which of the optional fields it `needs`, so the loop computes
 only those (Random needs none, so it costs no embedding pass), and which `options` it takes, with
@@ -27,7 +29,7 @@ import numpy as np
 
 from jax_seqgcn import checks
 
-POOL_FIELDS = ("features", "images", "predicted_losses", "probabilities")
+POOL_FIELDS = ("features", "images", "predicted_losses", "probabilities", "mc_probabilities")
 
 
 class Pool(NamedTuple):
@@ -40,12 +42,14 @@ class Pool(NamedTuple):
     images: optional [N, H, W, C] float32 preprocessed images.
     predicted_losses: optional [N] predicted losses (Learning Loss).
     probabilities: optional [N, C] class probabilities (rows sum to 1).
+    mc_probabilities: optional [T, N, C] class probabilities of T MC-dropout passes (BALD).
   """
   labelled_mask: Any
   features: Optional[Any] = None
   images: Optional[Any] = None
   predicted_losses: Optional[Any] = None
   probabilities: Optional[Any] = None
+  mc_probabilities: Optional[Any] = None
 
   @property
   def num_nodes(self) -> int:
@@ -190,11 +194,13 @@ def validate_pool(pool: Pool, budget: int, needs=(), *, name: str = "sampler") -
 
 
 def _check_field(field: str, value, num_nodes: int):
-  rank = {"features": 2, "images": 4, "predicted_losses": 1, "probabilities": 2}[field]
+  rank = {"features": 2, "images": 4, "predicted_losses": 1, "probabilities": 2,
+          "mc_probabilities": 3}[field]
+  node_axis = 1 if field == "mc_probabilities" else 0  # [T, N, C]
   shape = np.shape(value)
-  if len(shape) != rank or shape[0] != num_nodes:
-    raise ValueError(f"pool.{field} must have rank {rank} and {num_nodes} rows (one per node "
-                     f"of labelled_mask), got shape {shape}")
+  if len(shape) != rank or shape[node_axis] != num_nodes:
+    raise ValueError(f"pool.{field} must have rank {rank} and {num_nodes} nodes on axis "
+                     f"{node_axis} (one per node of labelled_mask), got shape {shape}")
   if field == "features":
     return checks.features(value, f"pool.{field}")
   if field == "images":
@@ -203,9 +209,9 @@ def _check_field(field: str, value, num_nodes: int):
     checks.numeric(value, f"pool.{field}")
     return value
   array = checks.host_float32(value, f"pool.{field}", " (did the learner diverge?)")
-  if field == "probabilities" and (
-      (array < 0).any() or not np.allclose(array.sum(axis=1), 1.0, atol=1e-3)):
-    raise ValueError("pool.probabilities must be non-negative rows summing to 1 (softmax "
+  if field in ("probabilities", "mc_probabilities") and (
+      (array < 0).any() or not np.allclose(array.sum(axis=-1), 1.0, atol=1e-3)):
+    raise ValueError(f"pool.{field} must be non-negative rows summing to 1 (softmax "
                      "outputs, not logits)")
   return array
 

@@ -5,6 +5,8 @@
 * `graph`: the `GCN` and its loss, `train_gcn`.
 * `kcenter`: k-center greedy in exact float32 distances; `kcenter_sharded` over a device mesh.
 * `kmedoids`: k-medoids (BUILD + SWAP) in blocks, for FeatProp.
+* `kmeans`: k-means (k-means++ seeding, Lloyd iterations) in O(N k) memory, for TypiClust.
+* `coverage`: delta-ball graphs as edge lists and greedy max coverage, for ProbCover.
 
 Nothing here knows about learners, configs or files; the samplers (`jax_seqgcn.samplers`) call
 these on a `Pool`.
@@ -33,3 +35,6 @@ from jax_seqgcn.selection.graph import train_gcn
 from jax_seqgcn.selection.kcenter import k_center_greedy
 from jax_seqgcn.selection.kcenter_sharded import k_center_greedy_sharded
 from jax_seqgcn.selection.kmedoids import k_medoids
+from jax_seqgcn.selection.kmeans import k_means
+from jax_seqgcn.selection.coverage import ball_edges
+from jax_seqgcn.selection.coverage import greedy_max_coverage

@@ -9,6 +9,7 @@ Modules, each importing only `models` and the modules above it in this list:
 * `state`: optimisers, learning-rate schedule, `TrainState`, `init_train_state`.
 * `fit`: the loss, the jitted step and epoch, and `fit`.
 * `inference`: `predict`, `extract_embeddings`, `forward_pool`, `evaluate`.
+* `mc_dropout`: `mc_dropout_probabilities`, the T stochastic predictions of BALD.
 * `progress`: `text_progress`, a console `progress` callback for `fit`.
 """
 
@@ -25,6 +26,7 @@ from jax_seqgcn.training.inference import evaluate
 from jax_seqgcn.training.inference import extract_embeddings
 from jax_seqgcn.training.inference import forward_pool
 from jax_seqgcn.training.inference import predict
+from jax_seqgcn.training.mc_dropout import mc_dropout_probabilities
 from jax_seqgcn.training.parallel import initialize_distributed
 from jax_seqgcn.training.parallel import is_main_process
 from jax_seqgcn.training.parallel import make_mesh

@@ -67,6 +67,10 @@ def per_example_loss(outputs: jax.Array, targets: jax.Array, *, task: str) -> ja
   return jnp.mean(jnp.sum(diff**2, axis=-1), axis=-1)
 
 
+# fold_in constant of the learner's dropout masks within a step's augmentation key.
+DROPOUT_STREAM = 0x64726F70
+
+
 def _train_step(state, images, targets, weights, rng, *, model, task, spec, batch_sharding,
                 loss_prediction=None, detached=False, compute_dtype="float32"):
   """One SGD step on a [B, ...] raw batch; `weights` [B] are 1 (real) or 0 (filler).
@@ -90,8 +94,11 @@ def _train_step(state, images, targets, weights, rng, *, model, task, spec, batc
     variables = {"params": precision.cast_floating(params, dtype)}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
-    (outputs, _, stage_features), mutated = model.apply(variables, x, train=True,
-                                                        mutable=["batch_stats"])
+    # A learner with `dropout_rate` (MC dropout, for BALD) draws its masks from this stream;
+    # the others ignore it, so their results do not change.
+    (outputs, _, stage_features), mutated = model.apply(
+        variables, x, train=True, mutable=["batch_stats"],
+        rngs={"dropout": jax.random.fold_in(rng, DROPOUT_STREAM)})
     outputs, stage_features = precision.to_float32((outputs, stage_features))
     losses = per_example_loss(outputs, targets, task=task)
     loss_sum = jnp.sum(weights * losses)
