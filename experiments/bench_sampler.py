@@ -9,7 +9,8 @@ Any registered sampler (`jax_seqgcn.samplers.SAMPLERS`) can be timed the same wa
 `--samplers NAME,NAME` (or `all`), called through the registry on a synthetic Pool: features
 |N(0, 1)| of `--dim` (the same arrays as the stages use), probabilities = softmax of
 3 * N(0, 1) logits over `--classes`, predicted_losses N(0, 1), images U[0, 1) of
-`--image-size`^2 x 3 float32. Each sampler's process builds only the fields it `needs` (the loop
+`--image-size`^2 x 3 float32, mc_probabilities [`--mc-samples`, N, C] = softmax of those logits
+plus N(0, 1) per pass. Each sampler's process builds only the fields it `needs` (the loop
 computes only those too), so its peak memory is its own. Options come from the registry defaults,
 overridden by `--option NAME:key=value` (repeatable; values are Python literals, else strings).
 On a shared machine a single warm call is noisy: `--warm-repeats R` reports the fastest of R,
@@ -59,14 +60,19 @@ def synthetic_pool(args, seed, fields):
   values = {}
   if "features" in fields:
     values["features"] = _features(n, args, seed)
-  for i, field in enumerate(("probabilities", "predicted_losses", "images"), start=1):
+  for i, field in enumerate(("probabilities", "predicted_losses", "images", "mc_probabilities"),
+                            start=1):
     if field not in fields:
       continue
     rng = np.random.default_rng([seed, i])
-    if field == "probabilities":
-      logits = 3.0 * rng.standard_normal((n, args.classes))
-      e = np.exp(logits - logits.max(axis=1, keepdims=True))
-      values[field] = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    if field in ("probabilities", "mc_probabilities"):
+      # mc_probabilities: --mc-samples passes, logits 3 N(0, 1) plus N(0, 1) per pass.
+      shape = ((n, args.classes) if field == "probabilities"
+               else (args.mc_samples, n, args.classes))
+      logits = 3.0 * rng.standard_normal(shape[-2:]) + (
+          rng.standard_normal(shape) if field == "mc_probabilities" else 0.0)
+      e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+      values[field] = (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
     elif field == "predicted_losses":
       values[field] = rng.standard_normal(n).astype(np.float32)
     else:
@@ -174,6 +180,8 @@ def main():
   parser.add_argument("--option", action="append", metavar="NAME:key=value",
                       help="sampler option override, e.g. CoreGCN:steps=50 (repeatable)")
   parser.add_argument("--classes", type=int, default=10, help="pool.probabilities columns")
+  parser.add_argument("--mc-samples", type=int, default=20,
+                      help="T of pool.mc_probabilities [T, N, C] (BALD, PowerBALD)")
   parser.add_argument("--image-size", type=int, default=32, help="pool.images height = width")
   parser.add_argument("--warm-repeats", type=int, default=1,
                       help="warm calls (new values each); warm_s is the fastest")

@@ -19,4 +19,11 @@ run UncertainGCN_layers1 --config.sampler.name=UncertainGCN --config.sampler.num
 run UncertainGCN_layers3 --config.sampler.name=UncertainGCN --config.sampler.num_layers=3
 run UncertainGCN_eye --config.sampler.name=UncertainGCN --config.sampler.adjacency=identity
 run UncertainGCN_ones --config.sampler.name=UncertainGCN --config.sampler.adjacency=ones
+# Beyond the paper 2: later methods (BALD's learner has a dropout before its head).
+for sampler in PowerEntropy TypiClust ProbCover ClusterMargin; do
+  run "$sampler" --config.sampler.name="$sampler"
+done
+for sampler in BALD PowerBALD; do
+  run "$sampler" --config.sampler.name="$sampler" --config.learner.mc_dropout=0.5
+done
 bash experiments/fashion_mnist_docs.sh "$runs"

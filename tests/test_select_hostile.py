@@ -559,3 +559,13 @@ def test_text_file_named_npy_is_not_called_pickled(data, monkeypatch, capsys):
 def test_multi_line_errors_are_one_line():
   assert cli.one_line("bad config:\n  - train.epochs bad\n  - al.budget bad") == (
       "bad config: train.epochs bad; al.budget bad")
+
+
+def test_a_diverging_gcn_is_one_line_and_writes_nothing(data, capsys):
+  tmp_path, _ = data
+  out = tmp_path / "picks.csv"
+  code = select(*features_args(tmp_path, "--sampler", "UncertainGCN", "--option",
+                               "learning_rate=1e30", "--option", "steps=5", "--out", out))
+  assert code == cli.RUN_ERROR
+  one_error_line(capsys.readouterr().err, "diverged")
+  assert not out.exists()

@@ -211,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   except (folder.InputError, loop.ConfigError) as err:
     print(f"{prefix} {one_line(err)}", file=sys.stderr)
     return USAGE_ERROR
-  except (loop.RunError, OSError) as err:
+  except (loop.RunError, OSError, FloatingPointError) as err:  # the last: a sampler diverged
     print(f"{prefix} {one_line(err)}", file=sys.stderr)
     return RUN_ERROR
 
