@@ -409,3 +409,12 @@ def test_lock_messages_do_not_wait_long_for_a_live_holder(tmp_path):
       with workdir_lib.lock(tmp_path):
         pass
     assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 32, 2 ** 70, True])
+def test_a_seed_outside_32_bits_is_refused_before_any_work(tmp_path, npz_path, seed):
+  config = tiny_config(npz_path, sampler__name="Random")
+  config.seed = seed
+  with pytest.raises(loop.ConfigError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+    loop.run(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())

@@ -45,6 +45,10 @@ def validate_config(config: ml_collections.ConfigDict, pool_size: Optional[int] 
       `data.name` need only name a preprocessing (`augment.PREPROCESSING`), not a loader.
   """
   problems = []
+  seed = config.get("seed", 0)
+  if not checks.is_int(seed) or not 0 <= seed < 2 ** 32:
+    # jax.random.key wraps wider seeds (-1 == 2**32 - 1) or overflows after training started.
+    problems.append(f"seed must be an int in [0, 2**32), got {seed!r}")
   sampler = samplers.SAMPLERS.get(config.sampler.name)
   if sampler is None:
     problems.append(f"unknown sampler {config.sampler.name!r}; valid: "
