@@ -117,14 +117,3 @@ def test_the_experiment_config_asks_for_mc_dropout(tmp_path, npz_path):
                tmp_path / "bad")
   assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
-
-def test_a_bald_run_draws_its_mc_passes_from_the_cycle_key(tmp_path, npz_path):
-  from jax_seqgcn.experiment import loop  # pylint: disable=import-outside-toplevel
-  from tests.conftest import labelled_sets, tiny_config  # pylint: disable=import-outside-toplevel
-  config = tiny_config(npz_path, sampler__name="BALD")
-  config.sampler.bald_samples = 4
-  first = loop.run(config, tmp_path / "a")
-  second = loop.run(config, tmp_path / "b")
-  assert [r.metric for r in first] == [r.metric for r in second]
-  for x, y in zip(labelled_sets(tmp_path / "a"), labelled_sets(tmp_path / "b"), strict=True):
-    np.testing.assert_array_equal(x, y)

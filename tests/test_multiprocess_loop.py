@@ -152,9 +152,9 @@ def test_whole_pool_offers_every_unlabelled_index(tmp_path, npz_path, monkeypatc
   embedded, sampled = [], []
   real_pool = cycle.embed_pool
 
-  def pool_of(setup, state, images, nodes, labelled_mask):
+  def pool_of(setup, state, images, nodes, labelled_mask, **kwargs):
     embedded.append(np.asarray(nodes))
-    result = real_pool(setup, state, images, nodes, labelled_mask)
+    result = real_pool(setup, state, images, nodes, labelled_mask, **kwargs)
     sampled.append((np.shape(result.labelled_mask), np.asarray(result.labelled_mask)))
     return result
 
