@@ -50,15 +50,11 @@ def check_options(options) -> None:
 
 
 def _check_field(pool: base.Pool, name: str) -> None:
-  field = pool.mc_probabilities
-  if field is None:
-    raise ValueError(f"{name} needs pool.mc_probabilities [T, N, C]: a learner with MC dropout "
-                     "(config.learner.mc_dropout > 0; in the library, "
-                     "training.mc_dropout_probabilities)")
-  shape = np.shape(field)
-  if len(shape) != 3 or shape[1] != np.shape(pool.labelled_mask)[0] or shape[2] < 2:
-    raise ValueError(f"{name}: mc_probabilities must have shape [T, N, C >= 2] with N = "
-                     f"{np.shape(pool.labelled_mask)[0]}, got {shape}")
+  # `Sampler.__call__` has checked presence, rank and N (`base.validate_pool`); BALD also
+  # needs two classes or more.
+  if np.shape(pool.mc_probabilities)[2] < 2:
+    raise ValueError(f"{name}: mc_probabilities must have C >= 2 classes, got shape "
+                     f"{np.shape(pool.mc_probabilities)}")
 
 
 @functools.partial(jax.jit, static_argnames=("budget",))
