@@ -63,11 +63,26 @@ def _run_one(n, mode, args):
     out[f"rss_after_{name}_mb"] = round(_rss_mb(), 1)
     return value
 
+  chunk_ends = []
   result = timed("train", lambda: graph.train_gcn(
-      jax.random.key(0), features, mask, hidden=args.hidden, steps=args.steps, adjacency=mode))
+      jax.random.key(0), features, mask, hidden=args.hidden, steps=args.steps, adjacency=mode,
+      on_chunk=lambda first, losses: chunk_ends.append((first + len(losses),
+                                                         time.perf_counter()))))
+  if len(chunk_ends) >= 3:  # steady state: the chunks after the first (which compiles)
+    (s0, t0), (s1, t1) = chunk_ends[0], chunk_ends[-2]
+    out["gcn_step_s"] = round((t1 - t0) / (s1 - s0), 4)
   timed("uncertain_select",
         lambda: samplers.uncertain_gcn_select(result.scores, mask, args.budget))
   timed("core_select", lambda: samplers.core_gcn_select(result.embedding, mask, args.budget))
+  if args.bounds:  # this machine's throughput, measured in a fresh process after this one
+    out.update(_child(n, "bounds", args))
+    out["gcn_steps_bound_s"] = round(args.steps * out["gcn_step_flops"]
+                                     / (out["matmul_gflops"] * 1e9), 1)
+    if "gcn_step_s" in out:
+      out["gcn_step_over_bound"] = round(out["gcn_step_s"] * out["matmul_gflops"] * 1e9
+                                         / out["gcn_step_flops"], 3)
+    out["kcenter_loop_bound_s"] = round(args.budget * n * (args.hidden + 1) * 4
+                                        / (out["sweep_gb_per_s"] * 1e9), 1)
   for name in ("train", "uncertain_select", "core_select"):
     out[f"{name}_run_s"] = round(out[f"{name}_s"] - out[f"{name}_compile_s"], 3)
   for sampler in ("uncertain", "core"):
@@ -81,6 +96,49 @@ def _run_one(n, mode, args):
   out["uncertain_gcn_peak_rss_mb"] = out["rss_after_uncertain_select_mb"]
   out["core_gcn_peak_rss_mb"] = out["peak_rss_mb"]
   return out
+
+
+def machine_bounds(n, args):
+  """This machine's own throughput, measured in the run: the GCN step's dominant product
+  ([N, dim] x [dim, hidden], GFLOP/s) and a jitted k-center distance sweep over [N, hidden + 1]
+  float32 (GB/s), each the best of 3 after a warm-up."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  a = jnp.asarray(rng.standard_normal((n, args.dim), np.float32))
+  w = jnp.asarray(rng.standard_normal((args.dim, args.hidden), np.float32))
+  product = jax.jit(lambda a, w: jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST))
+  seconds = _best_of(lambda: product(a, w))
+  a = None  # free the [N, dim] operand before the sweep's
+  e = jnp.asarray(rng.standard_normal((n, args.hidden + 1), np.float32))
+  low = jnp.full((n,), jnp.inf, jnp.float32)
+  sweep = jax.jit(lambda e, d: jnp.minimum(
+      d, jnp.sqrt(jnp.sum(jnp.square(e - e[7][None]), axis=-1))))
+  sweep_s = _best_of(lambda: sweep(e, low))
+  flops = 2 * n * args.dim * args.hidden
+  return {"matmul_gflops": round(flops / seconds / 1e9, 1),
+          "gcn_step_flops": 2 * flops,  # (A V) W1 and its weight gradient
+          "sweep_gb_per_s": round(e.size * 4 / sweep_s / 1e9, 2)}
+
+
+def _child(n, mode, args):
+  """Runs one configuration (or "bounds") in a fresh process; its JSON, or the error's tail."""
+  proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{n},{mode}"],
+                        capture_output=True, text=True, timeout=args.timeout, check=False)
+  if proc.returncode != 0:
+    return {"n": n, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _best_of(fn, repeats=3):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(fn())
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def growth_exponent(sizes, values):
@@ -117,13 +175,17 @@ def main():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--budget", type=int, default=1_000)
   parser.add_argument("--labelled", type=int, default=1_000)
+  parser.add_argument("--bounds", action="store_true",
+                      help="also measure this machine's matmul GFLOP/s and sweep GB/s, and the "
+                           "GCN steps' and k-center loop's bounds from them")
   parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
   parser.add_argument("--json-out", help="also write the JSON here")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: "N,mode"
   args = parser.parse_args()
   if args.child:
     n, mode = args.child.split(",")
-    print(json.dumps(_run_one(int(n), mode, args)))
+    print(json.dumps(machine_bounds(int(n), args) if mode == "bounds"
+                     else _run_one(int(n), mode, args)))
     return
 
   sizes = [int(s) for s in args.sizes.split(",")]
@@ -138,12 +200,7 @@ def main():
       if mode == "dense" and n > args.dense_max:
         continue
       print(f"running N={n} {mode} ...", file=sys.stderr, flush=True)
-      proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", f"{n},{mode}"],
-                            capture_output=True, text=True, timeout=args.timeout, check=False)
-      if proc.returncode != 0:
-        run = {"n": n, "mode": mode, "error": proc.stderr.strip().splitlines()[-3:]}
-      else:
-        run = json.loads(proc.stdout.strip().splitlines()[-1])
+      run = _child(n, mode, args)
       print(f"  {json.dumps(run)}", file=sys.stderr, flush=True)
       report["runs"].append(run)
   for mode in modes:

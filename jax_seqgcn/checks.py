@@ -85,7 +85,9 @@ def features(x, name: str = "features"):
   if x.shape[0] == 0 or x.shape[1] == 0:
     raise ValueError(f"{name} is empty: shape {x.shape}")
   finite_rows(x, name)
-  x = jnp.asarray(x)
+  # device_put, not jnp.asarray: one copy of a NumPy array instead of two (none for a 64-byte
+  # aligned one on CPU), which matters for [1.28M, 512] features (2.6 GB each).
+  x = jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating) or jnp.finfo(x.dtype).bits < 32:
     x = x.astype(jnp.float32)
   return x

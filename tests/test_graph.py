@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_seqgcn.selection import gcn_fused
+from jax_seqgcn.selection import gcn_training
 from jax_seqgcn.selection import graph
 from tests.conftest import has_square_array
 
@@ -181,7 +183,8 @@ def test_choose_adjacency(caplog):
     (lambda x, m: (x[:, :0], m), "empty"),
 ])
 def test_bad_input_raises_before_work(bad, message, monkeypatch):
-  monkeypatch.setattr(graph, "train_setup_jit", lambda *a, **k: pytest.fail("work started"))
+  for module, name in ((gcn_training, "train_setup_jit"), (gcn_fused, "propagated_features_jit")):
+    monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("work started"))
   x = jnp.abs(jax.random.normal(jax.random.key(0), (20, 4)))
   mask = jnp.arange(20) >= 15
   x, mask = bad(x, mask)
@@ -218,16 +221,28 @@ def test_training_in_chunks_equals_one_scan(architecture, adjacency):
     graph.train_gcn(jax.random.key(2), x, mask, chunk_steps=0, **options)
 
 
-def test_train_gcn_traces_each_part_once_per_shape(monkeypatch):
-  net = ("hidden", "dropout_rate", "num_layers", "architecture")
-  for name, fn, static in (("train_setup_jit", graph.train_setup, net + ("adjacency_mode",)),
-                           ("train_chunk_jit", graph.train_chunk, net + ("steps",)),
-                           ("train_evaluate_jit", graph.train_evaluate, net)):
-    monkeypatch.setattr(graph, name, jax.jit(chex.assert_max_traces(fn, n=1),
-                                             static_argnames=static))
+_GENERIC_PARTS = (("train_setup_jit", gcn_training.train_setup,
+                   ("hidden", "dropout_rate", "num_layers", "architecture", "adjacency_mode")),
+                  ("train_chunk_jit", gcn_training.train_chunk,
+                   ("hidden", "dropout_rate", "num_layers", "architecture", "steps")),
+                  ("train_evaluate_jit", gcn_training.train_evaluate,
+                   ("hidden", "dropout_rate", "num_layers", "architecture")))
+_FUSED_PARTS = (("norms_and_column_sums_jit", gcn_fused.norms_and_column_sums, ()),
+                ("propagated_features_jit", gcn_fused.propagated_features, ()),
+                ("train_chunk_jit", gcn_fused.train_chunk, ("dropout_rate", "steps", "axis_name")),
+                ("evaluate_jit", gcn_fused.evaluate, ()))
+
+
+@pytest.mark.parametrize("adjacency", ["dense", "factored"])
+def test_train_gcn_traces_each_part_once_per_shape(monkeypatch, adjacency):
+  module, parts = ((gcn_fused, _FUSED_PARTS) if adjacency == "factored"
+                   else (gcn_training, _GENERIC_PARTS))
+  for name, fn, static in parts:
+    monkeypatch.setattr(module, name, jax.jit(chex.assert_max_traces(fn, n=1),
+                                              static_argnames=static))
   rng = np.random.default_rng(0)
   mask = np.arange(30) >= 20
   for seed, steps in [(0, 9), (1, 8), (2, 7)]:  # 3 chunks of 3 each time
     x = np.abs(rng.normal(size=(30, 8))).astype(np.float32)
     graph.train_gcn(jax.random.key(seed), x, mask, steps=steps, hidden=8, chunk_steps=3,
-                    adjacency="factored")
+                    adjacency=adjacency)

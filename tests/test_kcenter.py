@@ -46,6 +46,18 @@ def test_matches_numpy(n, d, n_centres, budget):
                                 numpy_k_center(x, is_centre, budget))
 
 
+def test_sweep_blocks_with_padding_match_numpy(monkeypatch):
+  # 301 rows in sweep blocks of 16: 19 blocks, the last padded; ties on duplicated rows too.
+  monkeypatch.setattr(kcenter, "SWEEP_BLOCK", 16)
+  rng = np.random.default_rng(11)
+  x = rng.normal(size=(301, 5)).astype(np.float32)
+  x[200:210] = x[3]
+  is_centre = np.zeros(301, bool)
+  is_centre[rng.choice(301, 20, replace=False)] = True
+  np.testing.assert_array_equal(kcenter.k_center_greedy(x, is_centre, 281),
+                                numpy_k_center(x, is_centre, 281))
+
+
 def test_initial_min_distances_across_blocks():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(500, 6)).astype(np.float32)

@@ -6,7 +6,8 @@ import pytest
 
 from jax_seqgcn import samplers
 from jax_seqgcn import selection
-from jax_seqgcn.selection import graph
+from jax_seqgcn.selection import gcn_fused
+from jax_seqgcn.selection import gcn_training
 from tests.conftest import FAST_SAMPLER_OPTIONS
 
 FAST_GCN = dict(steps=10, hidden=16)
@@ -179,15 +180,16 @@ def test_uncertain_gcn_select_rejects_what_would_return_labelled_nodes(case):
 
 def test_diverged_gcn_is_named(monkeypatch):
   x, mask = _problem(n=20, n_labelled=5)
-  real = graph.train_evaluate_jit
+  for module, name in ((gcn_training, "train_evaluate_jit"), (gcn_fused, "evaluate_jit")):
 
-  def diverged(*args, **kwargs):
-    scores, embedding = real(*args, **kwargs)
-    return scores * np.nan, embedding
+    def diverged(*args, real=getattr(module, name), **kwargs):
+      scores, embedding = real(*args, **kwargs)
+      return scores * np.nan, embedding
 
-  monkeypatch.setattr(graph, "train_evaluate_jit", diverged)
-  with pytest.raises(FloatingPointError, match="GCN diverged"):
-    samplers.core_gcn(jax.random.key(0), x, mask, 3, **FAST_GCN)
+    monkeypatch.setattr(module, name, diverged)
+  for adjacency in ("dense", "factored"):
+    with pytest.raises(FloatingPointError, match="GCN diverged"):
+      samplers.core_gcn(jax.random.key(0), x, mask, 3, **dict(FAST_GCN, adjacency=adjacency))
 
 
 @pytest.mark.parametrize("adjacency", ["identity", "ones"])

@@ -36,6 +36,7 @@ import numpy as np
 from jax_seqgcn import samplers
 from jax_seqgcn import training
 from jax_seqgcn.data.datasets import Dataset
+from jax_seqgcn.selection.sharding import spans_devices
 from jax_seqgcn.training import augment
 from jax_seqgcn.training import parallel
 from jax_seqgcn.training import precision
@@ -249,7 +250,10 @@ def select(setup: CycleSetup, key: jax.Array, state, images, labelled, *, budget
                     key=jax.random.fold_in(sampler_key, 1))
   embed_s = time.perf_counter() - start
   start = time.perf_counter()
-  picks = np.asarray(setup.sampler(sampler_key, pool, budget, **setup.options), np.int32)
+  # Over several devices or processes, the samplers that can split the nodes do (one SPMD
+  # program; `samplers.on_mesh`); process 0's picks stay the run's either way.
+  with samplers.on_mesh(setup.mesh if spans_devices(setup.mesh) else None):
+    picks = np.asarray(setup.sampler(sampler_key, pool, budget, **setup.options), np.int32)
   picks = parallel.broadcast_from_main(picks)
   sample_s = time.perf_counter() - start
   return Selection(np.concatenate([labelled, unlabelled[picks]]), nodes, pool, picks,

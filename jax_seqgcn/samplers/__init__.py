@@ -45,7 +45,9 @@ from jax_seqgcn.samplers.base import SAMPLERS
 from jax_seqgcn.samplers.base import Pool
 from jax_seqgcn.samplers.base import Sampler
 from jax_seqgcn.samplers.base import all_options
+from jax_seqgcn.samplers.base import current_mesh
 from jax_seqgcn.samplers.base import get_sampler
+from jax_seqgcn.samplers.base import on_mesh
 from jax_seqgcn.samplers.basic import coreset
 from jax_seqgcn.samplers.basic import random
 from jax_seqgcn.samplers.gcn import core_gcn

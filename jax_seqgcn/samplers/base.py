@@ -20,6 +20,8 @@ their defaults: the single place those defaults live (configs/default.py reads t
 Every option name is one flat `config.sampler.<name>` field, so ablations are command-line flags.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional
@@ -30,6 +32,34 @@ import numpy as np
 from jax_seqgcn import checks
 
 POOL_FIELDS = ("features", "images", "predicted_losses", "probabilities", "mc_probabilities")
+
+# The mesh of `on_mesh` (None: one device).
+_MESH = contextvars.ContextVar("jax_seqgcn_sampler_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+  """Within this block, the samplers that can split the nodes over devices do so over `mesh`'s
+  axis 'data': UncertainGCN and CoreGCN (the factored two-layer GCN, `graph.train_gcn(mesh=)`),
+  and the k-center of CoreGCN and CoreSet (`k_center_greedy_sharded`). The others run on one
+  device. In a multi-process run every process must enter it with the run's global mesh and
+  call the sampler (one SPMD program; the picks are the same everywhere). None, or a mesh of
+  one device in one process, changes nothing.
+
+  Example:
+    with samplers.on_mesh(parallel.make_mesh()):
+      picks = samplers.get_sampler("CoreGCN")(key, pool, budget)
+  """
+  token = _MESH.set(mesh)
+  try:
+    yield mesh
+  finally:
+    _MESH.reset(token)
+
+
+def current_mesh():
+  """The mesh of the innermost `on_mesh` block, or None."""
+  return _MESH.get()
 
 
 class Pool(NamedTuple):

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_seqgcn.selection.kcenter import k_center_greedy
+from jax_seqgcn.selection.kcenter_sharded import k_center_greedy_sharded
+from jax_seqgcn.selection.sharding import spans_devices
 from jax_seqgcn.samplers import base
 
 
@@ -59,4 +61,7 @@ def coreset(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, budge
 @base.register("CoreSet", needs=("features",),
                description="k-center greedy on the learner embeddings (Sener & Savarese 2018)")
 def _coreset(key, pool: base.Pool, budget: int) -> jax.Array:
+  mesh = base.current_mesh()
+  if spans_devices(mesh):  # inside `base.on_mesh`: the same picks, the rows split over devices
+    return k_center_greedy_sharded(pool.features, pool.labelled_mask, budget, mesh=mesh, key=key)
   return k_center_greedy(pool.features, pool.labelled_mask, budget, key=key)

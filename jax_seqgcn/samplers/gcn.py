@@ -19,6 +19,8 @@ import numpy as np
 from jax_seqgcn import checks
 from jax_seqgcn.selection import graph
 from jax_seqgcn.selection.kcenter import k_center_greedy
+from jax_seqgcn.selection.kcenter_sharded import k_center_greedy_sharded
+from jax_seqgcn.selection.sharding import spans_devices
 from jax_seqgcn.samplers import base
 from jax_seqgcn.training import progress
 
@@ -60,16 +62,21 @@ def uncertain_gcn_select(scores: jax.Array, labelled_mask: jax.Array, budget: in
   return base.top_unlabelled(-distance, jnp.asarray(pool.labelled_mask), int(budget))
 
 
-def core_gcn_select(embedding: jax.Array, labelled_mask: jax.Array, budget: int) -> jax.Array:
+def core_gcn_select(embedding: jax.Array, labelled_mask: jax.Array, budget: int, *,
+                    mesh=None) -> jax.Array:
   """CoreGCN's rule: k-center greedy on the GCN embedding with the labelled nodes as centres.
 
   Args:
     embedding: [N, hidden + 1] `GCNResult.embedding`.
     labelled_mask: [N] bool.
     budget: number of picks.
+    mesh: optional mesh (axis 'data'): over several devices, `k_center_greedy_sharded` (the
+      same picks).
   Returns:
     [budget] int32 indices in pick order.
   """
+  if spans_devices(mesh):
+    return k_center_greedy_sharded(embedding, labelled_mask, budget, mesh=mesh)
   return k_center_greedy(embedding, labelled_mask, budget)
 
 
@@ -81,7 +88,7 @@ def _train(key, pool, options, architecture="gcn"):
     progress.report(architecture, {"loss": losses}, first_step=first_step, total_steps=steps)
 
   return graph.train_gcn(key, pool.features, pool.labelled_mask, architecture=architecture,
-                         on_chunk=report, **gcn_options)
+                         on_chunk=report, mesh=base.current_mesh(), **gcn_options)
 
 
 def _need_both(pool):
@@ -103,7 +110,8 @@ def _uncertain_gcn(key, pool, budget, **options):
                description="GCN on the learner features; k-center greedy on its embedding")
 def _core_gcn(key, pool, budget, **options):
   _need_both(pool)
-  return core_gcn_select(_train(key, pool, options).embedding, pool.labelled_mask, budget)
+  return core_gcn_select(_train(key, pool, options).embedding, pool.labelled_mask, budget,
+                         mesh=base.current_mesh())
 
 
 @base.register("UncertainDiscriminator", needs=("features",), options=_MLP_OPTIONS,

@@ -2,7 +2,10 @@
 
 * `adjacency`: the reference's adjacency (dense, or factored in linear memory), `propagate`,
   and the "auto" choice between them.
-* `graph`: the `GCN` and its loss, `train_gcn`.
+* `graph`: `train_gcn`, the public entry of the GCN, re-exporting `gcn_model` (the `GCN`, its
+  loss and dropout), `gcn_training` (training in compiled chunks on any graph), `gcn_fused` (the
+  factored two-layer GCN with hand-written gradients in linear memory) and `gcn_sharded` (the
+  same, the nodes split over a device mesh; `sharding` places rows on the mesh).
 * `kcenter`: k-center greedy in exact float32 distances; `kcenter_sharded` over a device mesh.
 * `kmedoids`: k-medoids (BUILD + SWAP) in blocks, for FeatProp.
 * `kmeans`: k-means (k-means++ seeding, Lloyd iterations) in O(N k) memory, for TypiClust.

@@ -19,6 +19,11 @@ CENTRE_BLOCK = 256
 HIGHEST = jax.lax.Precision.HIGHEST
 # Marks nodes that are centres or already picked: never the argmax among candidates.
 _TAKEN = -1.0
+# Padding rows of the greedy sweep: below _TAKEN, never the argmax.
+_PAD = -2.0
+# Rows per block of the greedy loop's sweep (each pick's update and argmax in one pass over the
+# features; measured 1.6x faster than an update followed by a separate argmax, docs/performance.md).
+SWEEP_BLOCK = 4096
 
 
 class KCenterState(NamedTuple):
@@ -83,19 +88,33 @@ def _greedy(features, is_centre, first_pick, *, budget):
   min_dist = initial_min_distances(features, is_centre)
   min_dist = jnp.where(is_centre, _TAKEN, min_dist)
   has_centres = jnp.any(is_centre)
+  n, dim = features.shape
+  # One pass per pick over [blocks, SWEEP_BLOCK] rows: the min-update, each block's max and
+  # first argmax, then the argmax of the block maxima (first index on ties overall). Padding
+  # rows (zeros, min_dist _PAD) are never the argmax.
+  block = min(SWEEP_BLOCK, n)
+  blocks = -(-n // block)
+  padded = jnp.pad(features, ((0, blocks * block - n), (0, 0))).reshape(blocks, block, dim)
+  dist0 = jnp.pad(min_dist, (0, blocks * block - n), constant_values=_PAD).reshape(blocks, block)
+  index = jnp.arange(blocks * block, dtype=jnp.int32).reshape(blocks, block)
+
+  def argmax(dist):
+    best = jnp.argmax(jnp.max(dist, axis=1))
+    return (best * block + jnp.argmax(dist[best])).astype(jnp.int32)
 
   def body(t, state):
-    pick = jnp.argmax(state.min_dist).astype(jnp.int32)  # first index on ties
+    dist, pick, picks = state
     # Cold start: the first centre is a random candidate instead of "farthest from nothing".
     pick = jnp.where((t == 0) & ~has_centres & (first_pick >= 0), first_pick, pick)
-    dist = jnp.minimum(state.min_dist, exact_distances(features, features[pick]))
+    row = features[pick]
+    dist = jnp.minimum(dist, jnp.sqrt(jnp.sum(jnp.square(padded - row), axis=-1)))
     # Taken nodes stay below every distance (minimum keeps _TAKEN), so picks are distinct even
     # when rows are duplicated.
-    dist = dist.at[pick].set(_TAKEN)
-    return KCenterState(dist, state.picks.at[t].set(pick))
+    dist = jnp.where(index == pick, _TAKEN, dist)
+    return dist, argmax(dist), picks.at[t].set(pick)
 
-  state = KCenterState(min_dist, jnp.zeros((budget,), jnp.int32))
-  return jax.lax.fori_loop(0, budget, body, state).picks
+  state = (dist0, argmax(dist0), jnp.zeros((budget,), jnp.int32))
+  return jax.lax.fori_loop(0, budget, body, state)[2]
 
 
 _greedy_jit = jax.jit(_greedy, static_argnames="budget")

@@ -20,15 +20,16 @@ real node's (never picked) and that are never centres.
 """
 
 import functools
-import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+import numpy as np
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jax_seqgcn.selection import kcenter
+from jax_seqgcn.selection import sharding
 
 DATA_AXIS = "data"
 # Padding rows: below kcenter._TAKEN (-1), so never the argmax even once every real node is taken.
@@ -157,13 +158,11 @@ def k_center_greedy_sharded(features: jax.Array, is_centre: jax.Array, budget: i
   """
   features, is_centre, first_pick = kcenter.validate(features, is_centre, budget, key)
   mesh = default_mesh() if mesh is None else mesh
-  if DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f"the mesh needs an axis {DATA_AXIS!r}, got axes {mesh.axis_names}")
   num_nodes = features.shape[0]
-  shards = mesh.shape[DATA_AXIS]
-  padding = math.ceil(num_nodes / shards) * shards - num_nodes
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
-  features = jax.device_put(jnp.pad(features, ((0, padding), (0, 0))), sharding)
-  is_centre = jax.device_put(jnp.pad(is_centre, (0, padding)), sharding)
-  return _greedy_sharded(features, is_centre, first_pick, jnp.int32(num_nodes),
-                         budget=int(budget), mesh=mesh, block=kcenter.CENTRE_BLOCK)
+  num_rows = sharding.padded_rows(num_nodes, mesh)  # ValueError without a 'data' axis
+  # Built from host copies, the same on every process: works across processes too.
+  features = sharding.shard_rows(mesh, np.asarray(features), num_rows)
+  is_centre = sharding.shard_rows(mesh, np.asarray(is_centre), num_rows)
+  return _greedy_sharded(features, is_centre, np.asarray(first_pick, np.int32),
+                         np.int32(num_nodes), budget=int(budget), mesh=mesh,
+                         block=kcenter.CENTRE_BLOCK)
