@@ -16,7 +16,14 @@ affine fit of the peak memory (MB = intercept + per_1k_nodes * N / 1000). Goal: 
 time at most linear, N = 88k under 4 GB peak.
 
   python experiments/bench_scale.py [--sizes 11000,22000,44000,88000] [--modes dense,factored]
-      [--dense-max 22000] [--steps 200] [--json-out scale.json]
+      [--dense-max 22000] [--steps 200] [--bounds] [--json-out scale.json]
+  python experiments/bench_scale.py --imagenet --json-out docs/bench_scale_imagenet.json
+
+With --bounds the child also measures this machine's own throughput before and after the stage
+(`machine_bounds`: matmul GFLOP/s and the k-center sweep's GB/s) and reports the GCN steps' time
+against 200 x 4 N dim hidden flops at that throughput (`gcn_step_over_bound`), and the k-center
+loop's time against budget x N (hidden + 1) x 4 bytes at that bandwidth. --imagenet is the
+ImageNet-size setting (issue: 1.28M nodes, 15 min, 12 GB).
 """
 
 import argparse
@@ -63,6 +70,8 @@ def _run_one(n, mode, args):
     out[f"rss_after_{name}_mb"] = round(_rss_mb(), 1)
     return value
 
+  if args.bounds:
+    before = machine_bounds(n, args)
   chunk_ends = []
   result = timed("train", lambda: graph.train_gcn(
       jax.random.key(0), features, mask, hidden=args.hidden, steps=args.steps, adjacency=mode,
@@ -73,9 +82,17 @@ def _run_one(n, mode, args):
     out["gcn_step_s"] = round((t1 - t0) / (s1 - s0), 4)
   timed("uncertain_select",
         lambda: samplers.uncertain_gcn_select(result.scores, mask, args.budget))
+  if args.bounds:  # k-center's initial distances alone (10k centres: a matmul-bound pass)
+    from jax_seqgcn.selection import kcenter  # pylint: disable=g-import-not-at-top
+    timed("kcenter_init", lambda: jax.jit(kcenter.initial_min_distances)(
+        result.embedding, jax.numpy.asarray(mask)))
   timed("core_select", lambda: samplers.core_gcn_select(result.embedding, mask, args.budget))
-  if args.bounds:  # this machine's throughput, measured in a fresh process after this one
-    out.update(_child(n, "bounds", args))
+  if args.bounds:  # this machine's throughput, measured again after the stage; the mean counts
+    after = machine_bounds(n, args)
+    for name in ("matmul_gflops", "sweep_gb_per_s"):
+      out[name + "_before"], out[name + "_after"] = before[name], after[name]
+      out[name] = round((before[name] + after[name]) / 2, 2)
+    out["gcn_step_flops"] = after["gcn_step_flops"]
     out["gcn_steps_bound_s"] = round(args.steps * out["gcn_step_flops"]
                                      / (out["matmul_gflops"] * 1e9), 1)
     if "gcn_step_s" in out:
@@ -83,6 +100,11 @@ def _run_one(n, mode, args):
                                          / out["gcn_step_flops"], 3)
     out["kcenter_loop_bound_s"] = round(args.budget * n * (args.hidden + 1) * 4
                                         / (out["sweep_gb_per_s"] * 1e9), 1)
+    # The greedy loop: CoreGCN's k-center minus its initial distances (both without compiles).
+    loop_s = (out["core_select_s"] - out["core_select_compile_s"]
+              - out["kcenter_init_s"] + out["kcenter_init_compile_s"])
+    out["kcenter_loop_s"] = round(loop_s, 1)
+    out["kcenter_loop_gb_per_s"] = round(args.budget * n * (args.hidden + 1) * 4 / loop_s / 1e9, 2)
   for name in ("train", "uncertain_select", "core_select"):
     out[f"{name}_run_s"] = round(out[f"{name}_s"] - out[f"{name}_compile_s"], 3)
   for sampler in ("uncertain", "core"):
@@ -99,25 +121,27 @@ def _run_one(n, mode, args):
 
 
 def machine_bounds(n, args):
-  """This machine's own throughput, measured in the run: the GCN step's dominant product
-  ([N, dim] x [dim, hidden], GFLOP/s) and a jitted k-center distance sweep over [N, hidden + 1]
-  float32 (GB/s), each the best of 3 after a warm-up."""
+  """This machine's own throughput, measured in the run (before and after the stage): the GCN
+  step's dominant product ([rows, dim] x [dim, hidden], GFLOP/s) and a jitted k-center distance
+  sweep over [rows, hidden + 1] float32 (GB/s), each the best of 3 after a warm-up, on
+  rows = min(N, 160,000) (far beyond the caches; keeps the probe off the stage's peak RSS)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(1)
-  a = jnp.asarray(rng.standard_normal((n, args.dim), np.float32))
+  rows = min(n, 160_000)
+  a = jnp.asarray(rng.standard_normal((rows, args.dim), np.float32))
   w = jnp.asarray(rng.standard_normal((args.dim, args.hidden), np.float32))
   product = jax.jit(lambda a, w: jnp.matmul(a, w, precision=jax.lax.Precision.HIGHEST))
   seconds = _best_of(lambda: product(a, w))
   a = None  # free the [N, dim] operand before the sweep's
-  e = jnp.asarray(rng.standard_normal((n, args.hidden + 1), np.float32))
-  low = jnp.full((n,), jnp.inf, jnp.float32)
+  e = jnp.asarray(rng.standard_normal((rows, args.hidden + 1), np.float32))
+  low = jnp.full((rows,), jnp.inf, jnp.float32)
   sweep = jax.jit(lambda e, d: jnp.minimum(
       d, jnp.sqrt(jnp.sum(jnp.square(e - e[7][None]), axis=-1))))
   sweep_s = _best_of(lambda: sweep(e, low))
-  flops = 2 * n * args.dim * args.hidden
+  flops = 2 * rows * args.dim * args.hidden
   return {"matmul_gflops": round(flops / seconds / 1e9, 1),
-          "gcn_step_flops": 2 * flops,  # (A V) W1 and its weight gradient
+          "gcn_step_flops": 4 * n * args.dim * args.hidden,  # (A V) W1 and its weight gradient
           "sweep_gb_per_s": round(e.size * 4 / sweep_s / 1e9, 2)}
 
 
@@ -175,6 +199,9 @@ def main():
   parser.add_argument("--dim", type=int, default=512)
   parser.add_argument("--budget", type=int, default=1_000)
   parser.add_argument("--labelled", type=int, default=1_000)
+  parser.add_argument("--imagenet", action="store_true",
+                      help="the ImageNet-size setting: N = 1,280,000 factored, 10,000 labelled, "
+                           "1,000 picks, with --bounds")
   parser.add_argument("--bounds", action="store_true",
                       help="also measure this machine's matmul GFLOP/s and sweep GB/s, and the "
                            "GCN steps' and k-center loop's bounds from them")
@@ -182,10 +209,12 @@ def main():
   parser.add_argument("--json-out", help="also write the JSON here")
   parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: "N,mode"
   args = parser.parse_args()
+  if args.imagenet:
+    args.sizes, args.modes, args.labelled, args.budget, args.bounds = (
+        "1280000", "factored", 10_000, 1_000, True)
   if args.child:
     n, mode = args.child.split(",")
-    print(json.dumps(machine_bounds(int(n), args) if mode == "bounds"
-                     else _run_one(int(n), mode, args)))
+    print(json.dumps(_run_one(int(n), mode, args)))
     return
 
   sizes = [int(s) for s in args.sizes.split(",")]

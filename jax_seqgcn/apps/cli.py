@@ -95,7 +95,8 @@ def _add_select_arguments(parser: argparse.ArgumentParser) -> None:
   given.add_argument("--images", metavar="DIR",
                      help="folder of PNG/JPEG images (any depth, grayscale or RGB); the LABELS "
                           "ids are paths relative to DIR; trains the learner on the labelled "
-                          "images first")
+                          "images first, then reads the others in batches (never all in "
+                          "memory) to embed them")
   parser.add_argument("--labels", required=True, metavar="LABELS",
                       help="CSV with header 'id,label', one row per labelled example; labels "
                            "are any strings (class names, classes in sorted order)")

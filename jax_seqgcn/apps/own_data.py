@@ -5,7 +5,8 @@
 * `select_image_folder`: a folder of PNG/JPEG images and a labels CSV whose ids are paths
   relative to it; trains the learner on the labelled images with the experiment loop's own code
   (`experiment.cycle`: same training, same eval pass, same sampler call), embeds every image and runs
-  the sampler on all of them.
+  the sampler on all of them. Only the labelled images are held; the eval pass decodes the
+  folder in batches and keeps what the sampler needs (docs/streamed_pools.md).
 
 Deliberate choices:
 
@@ -55,12 +56,15 @@ from jax_seqgcn import samplers
 from jax_seqgcn.apps import outputs
 from jax_seqgcn.data import datasets as data_lib
 from jax_seqgcn.data import folder
+from jax_seqgcn.data import stream as stream_lib
 from jax_seqgcn.data.folder import InputError
 from jax_seqgcn.experiment import cycle
+from jax_seqgcn.experiment import embeddings
 from jax_seqgcn.experiment import loop
 from jax_seqgcn.experiment import workdir as workdir_lib
 from jax_seqgcn.samplers import uncertainty
 from jax_seqgcn.selection import graph
+from jax_seqgcn.training import parallel
 
 # The learner's settings for own data: the CPU-scale protocol's (protocol §9).
 IMAGE_DEFAULTS = dict(learner="small_cnn", epochs=15, batch_size=64, learning_rate=0.05)
@@ -148,9 +152,12 @@ def check_seed(seed) -> None:
 
 def sample(sampler, key: jax.Array, pool: samplers.Pool, budget: int,
            options: Mapping[str, Any]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-  """Runs `sampler` on `pool`; returns ([K] int64 node picks, [K] scores or None)."""
+  """Runs `sampler` on `pool`, its nodes split over every device when there are several
+  (`samplers.on_mesh`); returns ([K] int64 node picks, [K] scores or None)."""
+  mesh = parallel.make_mesh() if jax.device_count() > 1 else None
   try:
-    picks = np.asarray(sampler(key, pool, budget, **options), np.int64)
+    with samplers.on_mesh(mesh):
+      picks = np.asarray(sampler(key, pool, budget, **options), np.int64)
   except ValueError as err:  # the pool's own checks (e.g. GCN needs a labelled node)
     raise InputError(f"sampler {sampler.name}: {err}") from None
   if sampler.name not in PICK_SCORES:
@@ -299,8 +306,9 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
   Returns:
     `Picks` with relative image paths as ids.
   Raises:
-    InputError: any bad input, before training; another select writing `out` or the workdir;
-      an output folder that cannot be written; nothing is written.
+    InputError: any bad input, before training (but an unlabelled image whose header reads
+      and whose pixel data does not: in the eval pass); another select writing `out` or the
+      workdir; an output folder that cannot be written; nothing is written.
     loop.RunError: the learner diverged; nothing is written.
   """
   check_seed(seed)
@@ -316,10 +324,9 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
     ids = folder.list_images(images_dir, exclude=(labels_path, out, workdir))
     _say(stream, f"reading {len(ids)} image files under {images_dir}")
     start = time.perf_counter()
-    images = folder.read_images(
+    shape = stream_lib.scan_images(
         images_dir, ids, image_size=image_size,
-        progress=lambda done, total: _say(stream, f"reading images: {done}/{total}"))
-    read_s = time.perf_counter() - start
+        progress=lambda done, total: _say(stream, f"reading images: {done}/{total} (headers)"))
     labelled = folder.image_indices(labels, ids, directory=images_dir)
     class_names, targets = folder.classes(labels)
     unlabelled = np.setdiff1d(np.arange(len(ids)), labelled)
@@ -333,14 +340,15 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
         labels_path=labels_path, image_size=image_size)
     try:
       loop.validate_config(config, pool_size=len(ids), in_memory=True)
-      models.check_input_shape(learner, images.shape[1:])
+      models.check_input_shape(learner, shape)
     except ValueError as err:
       raise InputError(str(err)) from None
-    all_targets = np.full(len(ids), -1, np.int32)  # unlabelled: never read by the training
-    all_targets[labelled] = targets
-    dataset = data_lib.Dataset(images, all_targets, images[:0], all_targets[:0],
-                               len(class_names), "folder")
-    _say(stream, f"data: {len(ids)} images {'x'.join(map(str, images.shape[1:]))}, "
+    # Only the labelled images are decoded now; the pool is read in batches when embedded.
+    images = stream_lib.decode_images(images_dir, [ids[i] for i in labelled], shape,
+                                      image_size=image_size)
+    read_s = time.perf_counter() - start
+    dataset = data_lib.Dataset(images, targets, images[:0], targets[:0], len(class_names), "folder")
+    _say(stream, f"data: {len(ids)} images {'x'.join(map(str, shape))}, "
                  f"{len(labelled)} labelled ({len(class_names)} classes), {len(unlabelled)} "
                  "unlabelled")
     outputs.remove_leftovers(workdir, stream)
@@ -350,7 +358,7 @@ def select_image_folder(images_dir, labels_path, budget: int, sampler_name: str,
     try:
       result, seconds = _train_and_sample(config, staging, dataset, labelled, unlabelled, ids,
                                           stream)
-      record = dict(classes=class_names, image_shape=list(images.shape[1:]), ids=ids,
+      record = dict(classes=class_names, image_shape=list(shape), ids=ids,
                     labelled=[ids[i] for i in labelled], picks=result.ids,
                     scores=None if result.scores is None else result.scores.tolist(),
                     score=result.score_meaning, seconds=dict(read=read_s, **seconds))
@@ -384,25 +392,30 @@ def _capped_batch_size(batch_size: int, num_labelled: int, stream) -> int:
 
 
 def _train_and_sample(config, staging, dataset, labelled, unlabelled, ids, stream):
-  """The loop's training, eval pass and sampler call (`experiment.cycle`); (Picks, seconds)."""
+  """The loop's training, eval pass and sampler call (`experiment.cycle`); (Picks, seconds).
+
+  `dataset`: the labelled images only; the eval pass reads the folder in batches
+  (`embeddings.folder_pool`) into arrays, memory-mapped under `staging` where large."""
   setup = loop.make_setup(config, dataset)
   train_key, sampler_key = jax.random.split(jax.random.key(config.seed))
   start = time.perf_counter()
-  state = cycle.train_learner(setup, train_key, dataset.train_images[labelled],
-                              dataset.train_targets[labelled],
+  state = cycle.train_learner(setup, train_key, dataset.train_images, dataset.train_targets,
                               progress=loop.progress_callback(config, "train ",
                                                               stream=stream or sys.stdout))
   train_s = time.perf_counter() - start
   start = time.perf_counter()
   nodes = np.concatenate([unlabelled, labelled])  # the loop's order: candidates first
-  _say(stream, f"embedding {len(nodes)} images")
-  pool = cycle.embed_pool(setup, state, dataset.train_images, nodes,
-                          np.arange(len(nodes)) >= len(unlabelled))
-  embed_s = time.perf_counter() - start
-  _say(stream, f"sampling: {setup.sampler.name} on {len(nodes)} images ({len(unlabelled)} "
-               f"unlabelled), {config.al.budget} picks")
-  start = time.perf_counter()
-  picks, scores = sample(setup.sampler, sampler_key, pool, config.al.budget, setup.options)
+  with stream_lib.ArrayStore(staging) as arrays:  # its memory-mapped files go on leaving
+    pool = embeddings.folder_pool(
+        setup, state, config.data.path, [ids[i] for i in nodes], dataset.train_images.shape[1:],
+        np.arange(len(nodes)) >= len(unlabelled), image_size=config.data.image_size,
+        allocate=arrays.allocate, stream=stream or sys.stdout)
+    embed_s = time.perf_counter() - start
+    _say(stream, f"sampling: {setup.sampler.name} on {len(nodes)} images ({len(unlabelled)} "
+                 f"unlabelled), {config.al.budget} picks")
+    start = time.perf_counter()
+    picks, scores = sample(setup.sampler, sampler_key, pool, config.al.budget, setup.options)
+    del pool
   sample_s = time.perf_counter() - start
   _say(stream, f"sampling: done in {sample_s:.1f} s")
   store = workdir_lib.CheckpointStore(staging / "checkpoints")

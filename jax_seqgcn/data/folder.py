@@ -14,6 +14,8 @@
   Grayscale images give one channel; if any image is RGB (or has a palette), every image is
   converted to RGB (grayscale repeated, alpha dropped). Sizes must agree unless `image_size`
   resizes every image to image_size x image_size (bilinear, aspect ratio not kept).
+  `image_header` (size and channels, no pixels) and `open_image` (one image) let a folder too
+  large for memory be read in batches instead (`data.stream`).
 * `image_indices(labels, ids)`: the ids as indices into the image list.
 * `classes(labels)`: class names in sorted order and [L] int32 class indices.
 * `load_features(path)`: a `.npy` [N, D] array (or `.npz` with `features`), finite.
@@ -23,6 +25,7 @@ is refused before a byte is read. Every problem is an `InputError` naming the fi
 CSV, the line.
 """
 
+import contextlib
 import csv
 import difflib
 import os
@@ -238,26 +241,16 @@ def list_images(directory, *, exclude: Iterable = ()) -> List[str]:
   return sorted(found)
 
 
-def _open(path: str, image_size: Optional[int]):
-  """(image as an [H, W] or [H, W, 3] uint8 array, (width, height) as stored).
-
-  Resized to image_size x image_size unless None; InputError if it is not a PNG/JPEG image.
-  """
+@contextlib.contextmanager
+def _pil_image(path: str):
+  """The PIL image of `path`, opened lazily (header read); InputError for anything else."""
   from PIL import Image  # pylint: disable=g-import-not-at-top (only this module needs Pillow)
   try:
     with open_regular(path, "rb", what="PNG or JPEG image") as f, Image.open(f) as image:
       if image.format not in IMAGE_FORMATS:
         raise InputError(f"{path}: a {image.format} image; only PNG and JPEG files are read "
                          "(convert it, or move it out of the folder)")
-      image.load()
-      size = image.size
-      if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit grayscale PNG: keep the high byte
-        image = Image.fromarray((np.asarray(image, np.uint32) >> 8).clip(0, 255)
-                                .astype(np.uint8))
-      image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
-      if image_size is not None:
-        image = image.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
-      return np.asarray(image, np.uint8), size
+      yield image
   except InputError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -265,9 +258,60 @@ def _open(path: str, image_size: Optional[int]):
                      "image folder must be one (hidden files aside): move others out") from None
 
 
+def _channels(mode: str) -> int:
+  """1 for the PIL modes read as grayscale, 3 for the others (read as RGB)."""
+  return 1 if mode in _GRAY_MODES or mode in _SIXTEEN_BIT_MODES else 3
+
+
+def open_image(path: str, image_size: Optional[int]) -> Tuple[np.ndarray, Tuple[int, int]]:
+  """(image as an [H, W] or [H, W, 3] uint8 array, (width, height) as stored).
+
+  Resized to image_size x image_size unless None; InputError if it is not a PNG/JPEG image.
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with _pil_image(path) as image:  # its errors (the pixel data's too) become InputError
+    image.load()
+    size = image.size
+    if image.mode in _SIXTEEN_BIT_MODES:  # 16-bit grayscale PNG: keep the high byte
+      image = Image.fromarray((np.asarray(image, np.uint32) >> 8).clip(0, 255)
+                              .astype(np.uint8))
+    image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
+    if image_size is not None:
+      image = image.resize((image_size, image_size), resample=Image.Resampling.BILINEAR)
+    return np.asarray(image, np.uint8), size
+
+
+def image_header(path) -> Tuple[Tuple[int, int], int]:
+  """((width, height) as stored, channels it is read with: 1 or 3), from the header alone.
+
+  Reads the file's first bytes only (no pixel data), so broken pixel data is found when the
+  image is decoded (`open_image`), not here.
+
+  Raises:
+    InputError: not a regular file, or not a PNG/JPEG image.
+  """
+  with _pil_image(os.fspath(path)) as image:
+    return image.size, _channels(image.mode)
+
+
+def check_same_size(path, size: Tuple[int, int], first) -> Tuple[str, Tuple[int, int]]:
+  """`first` (path, (width, height)) of a folder read without `image_size`, or `(path, size)`
+  when `first` is None; InputError naming both files when `size` differs from it."""
+  if first is None:
+    return os.fspath(path), size
+  if size != first[1]:
+    raise InputError(f"{os.fspath(path)} is {size[0]}x{size[1]} (width x height) but {first[0]} "
+                     f"is {first[1][0]}x{first[1][1]}: the images differ in size; resize them "
+                     "all with --image_size S")
+  return first
+
+
 def read_images(directory, ids: Sequence[str], *, image_size: Optional[int] = None,
                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
   """Decodes the images `ids` (paths relative to `directory`) into one array.
+
+  Holds every image in memory: for a folder that may not fit, `data.stream` reads the headers
+  (`scan_images`) and decodes batches (`decode_images`) instead.
 
   Args:
     directory: the image folder.
@@ -286,14 +330,9 @@ def read_images(directory, ids: Sequence[str], *, image_size: Optional[int] = No
   every = max(1, len(ids) // 10)
   for count, id_ in enumerate(ids, 1):
     path = os.path.join(directory, id_)
-    array, size = _open(path, image_size)
+    array, size = open_image(path, image_size)
     if image_size is None:
-      if first is None:
-        first = (path, size)
-      elif size != first[1]:
-        raise InputError(f"{path} is {size[0]}x{size[1]} (width x height) but {first[0]} is "
-                         f"{first[1][0]}x{first[1][1]}: the images differ in size; resize them "
-                         "all with --image_size S")
+      first = check_same_size(path, size, first)
     arrays.append(array[..., None] if array.ndim == 2 else array)
     if progress is not None and (count % every == 0 or count == len(ids)):
       progress(count, len(ids))

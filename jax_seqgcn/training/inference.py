@@ -85,6 +85,22 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
                for k in range(len(results[0][1])))
 
 
+def forward_outputs(state: TrainState, model, images, indices=None, *, batch_size: int,
+                    preprocessing, mesh, with_losses: bool = False,
+                    compute_dtype: str = "float32"):
+  """The eval-mode pass before any softmax: (outputs [M, ...] (logits), embeddings [M, D]) and,
+  with `with_losses` (a state holding a LossNet), the predicted losses [M], as NumPy, over
+  fixed-size batches of `images[indices]` (all images when None).
+
+  The same pass as `forward_pool` (which applies the softmax to the whole [M, C] at once): a
+  caller that streams a pool through it in pieces applies the softmax once at the end to get
+  `forward_pool`'s probabilities bit for bit.
+  """
+  return _forward(state, model, images, indices, batch_size=batch_size,
+                  preprocessing=preprocessing, mesh=mesh, with_losses=with_losses,
+                  compute_dtype=compute_dtype)
+
+
 def predict(state: TrainState, model, images, indices=None, *, batch_size: int = 256,
             preprocessing=None, mesh=None, compute_dtype: str = "float32") -> np.ndarray:
   """Eval-mode network outputs (no augmentation).
