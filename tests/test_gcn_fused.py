@@ -71,6 +71,7 @@ def test_padding_rows_change_nothing():
   params = graph.GCN(hidden=8).init(jax.random.key(0), jnp.ones((2, 12)),
                                     graph.IdentityAdjacency(), train=False)["params"]
 
+  @jax.jit
   def run(features, labelled, unlabelled):
     norms, sums = gcn_fused.norms_and_column_sums(features)
     fused = gcn_fused.build_graph(features, norms, sums)
