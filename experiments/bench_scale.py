@@ -23,7 +23,7 @@ With --bounds the child also measures this machine's own throughput before and a
 (`machine_bounds`: matmul GFLOP/s and the k-center sweep's GB/s) and reports the GCN steps' time
 against 200 x 4 N dim hidden flops at that throughput (`gcn_step_over_bound`), and the k-center
 loop's time against budget x N (hidden + 1) x 4 bytes at that bandwidth. --imagenet is the
-ImageNet-size setting (issue: 1.28M nodes, 15 min, 12 GB).
+ImageNet-size setting (goals: the whole stage in 15 min, 12 GB peak RSS).
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Peak memory of `jax-seqgcn select --images` against the folder's size (issue 23); prints JSON.
+"""Peak memory of `jax-seqgcn select --images` against the folder's size; prints JSON.
 
 Writes N synthetic 64x64 RGB PNG images (default 80,000; smaller folders are hard links to
 their first files) and a labels CSV of `--labelled` of them under `--root`, then runs
