@@ -90,14 +90,19 @@ def runs(tmp_path_factory):
           zip(("eight", "process0", "process1"), jobs)}
 
 
+def _assert_equal_to_single(run, single):
+  """`run`'s split GCN agrees with `single`'s one-device GCN to 1e-12, and the picks are equal."""
+  for name in ("scores", "embedding", "losses", "kernel"):
+    np.testing.assert_allclose(run["mesh/" + name], single["single/" + name], rtol=1e-12,
+                               atol=1e-14)
+  for name in ("UncertainGCN", "CoreGCN", "CoreSet"):
+    np.testing.assert_array_equal(run["mesh/" + name], single["single/" + name])
+
+
 def test_eight_devices_give_the_single_device_training_and_picks(runs):
   eight = runs["eight"]
   assert eight["devices"] == 8
-  for name in ("scores", "embedding", "losses", "kernel"):
-    np.testing.assert_allclose(eight["mesh/" + name], eight["single/" + name], rtol=1e-12,
-                               atol=1e-14)
-  for name in ("UncertainGCN", "CoreGCN", "CoreSet"):
-    np.testing.assert_array_equal(eight["mesh/" + name], eight["single/" + name])
+  _assert_equal_to_single(eight, eight)
 
 
 def test_two_processes_give_the_single_device_results_on_both(runs):
@@ -105,11 +110,7 @@ def test_two_processes_give_the_single_device_results_on_both(runs):
   for process in ("process0", "process1"):
     run = runs[process]
     assert run["processes"] == 2 and run["devices"] == 4
-    for name in ("scores", "embedding", "losses", "kernel"):
-      np.testing.assert_allclose(run["mesh/" + name], single["single/" + name], rtol=1e-12,
-                                 atol=1e-14)
-    for name in ("UncertainGCN", "CoreGCN", "CoreSet"):
-      np.testing.assert_array_equal(run["mesh/" + name], single["single/" + name])
+    _assert_equal_to_single(run, single)
 
 
 def test_each_device_holds_one_share_of_the_node_arrays(runs):

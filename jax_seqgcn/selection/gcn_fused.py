@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from jax_seqgcn.selection.adjacency import HIGHEST
+from jax_seqgcn.selection.adjacency import IdentityAdjacency
+from jax_seqgcn.selection.gcn_model import GCN
 from jax_seqgcn.selection.gcn_model import adam_coupled
 from jax_seqgcn.selection.gcn_model import dropout_keep
 from jax_seqgcn.selection.gcn_model import layer_key
@@ -233,6 +235,14 @@ def evaluate(graph: FusedGraph, params, axis_name: Optional[str] = None):
   x = jnp.matmul(hidden, params["gc3"]["kernel"], precision=HIGHEST)[:, 0]
   logits = _propagate_1d(graph, x, axis_name) + params["gc3"]["bias"][0]
   return jax.nn.sigmoid(logits), jnp.concatenate([hidden, logits[:, None]], axis=-1)
+
+
+def init_params(key, dim: int, hidden: int, dropout_rate: float, dtype):
+  """Initial parameters of the two-layer `GCN` (from split(key)[0], as `gcn_training`): they
+  depend only on the key and the shapes, so a constant [2, dim] probe initialises them."""
+  probe = jnp.ones((2, dim), dtype) / jnp.sqrt(jnp.asarray(dim, dtype))
+  return GCN(hidden, dropout_rate, 2, param_dtype=dtype).init(
+      jax.random.split(key)[0], probe, IdentityAdjacency(), train=False)["params"]
 
 
 def init_state(params):

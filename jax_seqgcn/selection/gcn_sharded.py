@@ -25,7 +25,6 @@ import functools
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -34,8 +33,6 @@ from jax_seqgcn import checks
 from jax_seqgcn.selection import gcn_fused
 from jax_seqgcn.selection import gcn_training
 from jax_seqgcn.selection import sharding
-from jax_seqgcn.selection.adjacency import IdentityAdjacency
-from jax_seqgcn.selection.gcn_model import GCN
 from jax_seqgcn.selection.gcn_model import GCNResult
 
 DATA_AXIS = sharding.DATA_AXIS
@@ -47,22 +44,26 @@ def _offset(local_rows):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
-def _graph_parts(features, *, mesh):
-  def local(features):
-    norms, sums = gcn_fused.norms_and_column_sums(features, DATA_AXIS)
-    return norms, sums, gcn_fused.propagated_features(features, norms, sums, DATA_AXIS)
-  return jax.shard_map(local, mesh=mesh, in_specs=_ROWS, out_specs=(_ROWS,) * 3)(features)
-
-
-def _graph(features, *, mesh):
-  # The features stay the caller's array (a jitted function returning them would copy them).
-  return gcn_fused.FusedGraph(features, *_graph_parts(features, mesh=mesh))
+def _norms_and_sums(features, *, mesh):
+  local = functools.partial(gcn_fused.norms_and_column_sums, axis_name=DATA_AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=_ROWS, out_specs=(_ROWS, _ROWS))(features)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
-def _column_sums(features, *, mesh):
-  local = lambda f: gcn_fused.norms_and_column_sums(f, DATA_AXIS)[1]
-  return jax.shard_map(local, mesh=mesh, in_specs=_ROWS, out_specs=_ROWS)(features)
+def _propagated(features, norms, sums, *, mesh):
+  local = functools.partial(gcn_fused.propagated_features, axis_name=DATA_AXIS)
+  return jax.shard_map(local, mesh=mesh, in_specs=(_ROWS,) * 3, out_specs=_ROWS)(
+      features, norms, sums)
+
+
+def _graph(features, mesh, num_nodes=None) -> gcn_fused.FusedGraph:
+  """The graph of sharded features; with `num_nodes`, the column sums of the real (unpadded)
+  rows are checked before A V is built. The features stay the caller's array (a jitted function
+  returning them would copy them)."""
+  norms, sums = _norms_and_sums(features, mesh=mesh)
+  if num_nodes is not None:
+    checks.column_sums(sharding.to_host(sums)[:num_nodes])
+  return gcn_fused.FusedGraph(features, norms, sums, _propagated(features, norms, sums, mesh=mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "dropout_rate", "steps", "key_impl"))
@@ -93,7 +94,7 @@ def build_graph_sharded(features: np.ndarray, mesh: Mesh) -> gcn_fused.FusedGrap
   axis 'data': each device holds N / P rows of each of its arrays."""
   features = np.asarray(features)
   sharded = sharding.shard_rows(mesh, features, sharding.padded_rows(len(features), mesh))
-  return _graph(sharded, mesh=mesh)
+  return _graph(sharded, mesh)
 
 
 def train_gcn_sharded(key: jax.Array, features, labelled_mask, mesh: Mesh, *, hidden: int,
@@ -126,17 +127,12 @@ def train_gcn_sharded(key: jax.Array, features, labelled_mask, mesh: Mesh, *, hi
   num_nodes, dim = features.shape
   labelled_mask = np.asarray(checks.mask(labelled_mask, num_nodes, need_both=True))
   num_rows = sharding.padded_rows(num_nodes, mesh)
-  sharded = sharding.shard_rows(mesh, features, num_rows)
-  checks.column_sums(sharding.to_host(_column_sums(sharded, mesh=mesh))[:num_nodes])
-  graph = _graph(sharded, mesh=mesh)
-  del sharded  # the graph keeps it
+  graph = _graph(sharding.shard_rows(mesh, features, num_rows), mesh, num_nodes)
   labelled = sharding.shard_rows(mesh, labelled_mask, num_rows)
   unlabelled = sharding.shard_rows(mesh, ~labelled_mask, num_rows)
   key_data, key_impl = sharding.key_parts(key)
   if params is None:
-    probe = jnp.ones((2, dim), features.dtype) / np.sqrt(dim)  # shapes depend on (dim, hidden)
-    params = GCN(hidden, dropout_rate, 2, param_dtype=features.dtype).init(
-        jax.random.split(key)[0], probe, IdentityAdjacency(), train=False)["params"]
+    params = gcn_fused.init_params(key, dim, hidden, dropout_rate, features.dtype)
   params = jax.tree.map(lambda p: np.asarray(p, features.dtype), params)  # host: replicated
 
   def chunk(params, opt_state, first, length):

@@ -207,9 +207,7 @@ def _train_fused(key, features, labelled_mask, params, lambda_, learning_rate, w
   checks.column_sums(sums)
   fused = gcn_fused.build_graph_jit(features, norms, sums)
   if params is None:
-    probe = features[:2] / norms[:2, None]  # parameter shapes depend only on (dim, hidden)
-    params = GCN(hidden, dropout_rate, 2, param_dtype=features.dtype).init(
-        jax.random.split(key)[0], probe, IdentityAdjacency(), train=False)["params"]
+    params = gcn_fused.init_params(key, features.shape[1], hidden, dropout_rate, features.dtype)
 
   def chunk(params, opt_state, first, length):
     return gcn_fused.train_chunk_jit(key, fused, labelled_mask, ~labelled_mask, params,

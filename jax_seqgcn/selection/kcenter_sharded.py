@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jax_seqgcn.selection import kcenter
 from jax_seqgcn.selection import sharding
 
-DATA_AXIS = "data"
+DATA_AXIS = sharding.DATA_AXIS
 # Padding rows: below kcenter._TAKEN (-1), so never the argmax even once every real node is taken.
 _PAD = -2.0
 
