@@ -101,7 +101,7 @@ _LAZY = {
     "run_cycle": ("jax_seqgcn.experiment.cycle", "run_cycle"),
     "select_features_file": ("jax_seqgcn.apps.own_data", "select_features_file"),
     "select_image_folder": ("jax_seqgcn.apps.own_data", "select_image_folder"),
-    "load_learner": ("jax_seqgcn.apps.own_data", "load_learner"),
+    "load_learner": ("jax_seqgcn.apps.outputs", "load_learner"),
 }
 
 

@@ -10,6 +10,7 @@
   only if everything in it is listed (`check_outputs`): never a folder holding anything else.
 * Files appear whole: written to a hidden temporary name, then renamed (`write_atomically`,
   `replace_folder`).
+* `load_learner(workdir)` reads a finished workdir back (the learner and `select.json`).
 """
 
 import contextlib
@@ -19,9 +20,11 @@ import pathlib
 import re
 import shutil
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+from jax_seqgcn import models
 from jax_seqgcn.data.folder import InputError
+from jax_seqgcn.experiment import workdir as workdir_lib
 
 try:
   import fcntl  # pylint: disable=g-import-not-at-top
@@ -284,3 +287,27 @@ def replace_folder(new: pathlib.Path, target: pathlib.Path) -> None:
     os.replace(target, old)
   os.replace(new, target)
   shutil.rmtree(old, ignore_errors=True)
+
+
+def load_learner(workdir) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
+  """Reads back what `own_data.select_image_folder` trained (also `own_data.load_learner`).
+
+  Returns:
+    (model, variables, record): the Flax learner, its variables {"params", "batch_stats"
+    (BatchNorm learners)} for `model.apply(variables, x, train=False)` on images preprocessed
+    as pixels / 255, and `select.json` (class names, image ids, labelled, picks, scores).
+  """
+  workdir = pathlib.Path(workdir)
+  config = workdir_lib.read_config(workdir)
+  if config is None:
+    raise InputError(f"{workdir}: no {workdir_lib.CONFIG_FILE}; not a select workdir")
+  record = json.loads((workdir / "select.json").read_text())
+  store = workdir_lib.CheckpointStore(workdir / "checkpoints")
+  try:
+    _, tree = store.restore_latest()
+  finally:
+    store.close()
+  model = models.get_learner(config["learner"]["name"], num_classes=len(record["classes"]),
+                             channels=record["image_shape"][-1])
+  variables = {k: v for k, v in tree["learner"].items() if k != "loss_net_params"}
+  return model, variables, record

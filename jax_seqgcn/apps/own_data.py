@@ -41,7 +41,6 @@ import csv
 import io
 import json
 import os
-import pathlib
 import shutil
 import sys
 import time
@@ -54,6 +53,7 @@ import numpy as np
 from jax_seqgcn import models
 from jax_seqgcn import samplers
 from jax_seqgcn.apps import outputs
+from jax_seqgcn.apps.outputs import load_learner  # pylint: disable=unused-import (public here)
 from jax_seqgcn.data import datasets as data_lib
 from jax_seqgcn.data import folder
 from jax_seqgcn.data import stream as stream_lib
@@ -427,27 +427,3 @@ def _train_and_sample(config, staging, dataset, labelled, unlabelled, ids, strea
   result = Picks([ids[i] for i in nodes[picks]], scores,
                  PICK_SCORES.get(setup.sampler.name, (None,))[0])
   return result, dict(train=train_s, embed=embed_s, sample=sample_s)
-
-
-def load_learner(workdir) -> Tuple[Any, Dict[str, Any], Dict[str, Any]]:
-  """Reads back what `select_image_folder` trained.
-
-  Returns:
-    (model, variables, record): the Flax learner, its variables {"params", "batch_stats"
-    (BatchNorm learners)} for `model.apply(variables, x, train=False)` on images preprocessed
-    as pixels / 255, and `select.json` (class names, image ids, labelled, picks, scores).
-  """
-  workdir = pathlib.Path(workdir)
-  config = workdir_lib.read_config(workdir)
-  if config is None:
-    raise InputError(f"{workdir}: no {workdir_lib.CONFIG_FILE}; not a select workdir")
-  record = json.loads((workdir / "select.json").read_text())
-  store = workdir_lib.CheckpointStore(workdir / "checkpoints")
-  try:
-    _, tree = store.restore_latest()
-  finally:
-    store.close()
-  model = models.get_learner(config["learner"]["name"], num_classes=len(record["classes"]),
-                             channels=record["image_shape"][-1])
-  variables = {k: v for k, v in tree["learner"].items() if k != "loss_net_params"}
-  return model, variables, record

@@ -1,6 +1,7 @@
 """Data: the datasets the experiments load (`datasets`) and own image folders (`folder`).
 
-* `datasets`: tfds / Fashion-MNIST IDX / npz sources -> an in-memory `Dataset` of uint8 images.
+* `datasets`: tfds / Fashion-MNIST IDX (`idx`) / npz sources -> an in-memory `Dataset` of uint8
+  images.
 * `folder`: a folder of PNG/JPEG images and a labels CSV (`jax-seqgcn select --images`).
 """
 
@@ -10,6 +11,6 @@ from jax_seqgcn.data.datasets import Dataset
 from jax_seqgcn.data.datasets import DatasetNotFoundError
 from jax_seqgcn.data.datasets import describe
 from jax_seqgcn.data.datasets import load_dataset
-from jax_seqgcn.data.datasets import load_fashion_mnist_idx
 from jax_seqgcn.data.datasets import load_npz
 from jax_seqgcn.data.datasets import load_tfds
+from jax_seqgcn.data.idx import load_fashion_mnist_idx

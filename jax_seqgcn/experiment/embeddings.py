@@ -14,7 +14,8 @@ subset first, then the labelled set):
 
 So `labelled/trial{t}_cycle{c+1}.npy` equals `ids[labelled]` followed by `ids[picked]`.
 The files are written atomically and byte-for-byte deterministically (fixed zip timestamps), so a
-resumed run leaves the same files as an uninterrupted one.
+resumed run leaves the same files as an uninterrupted one. `selection_problem` says why a saved
+file is unusable (missing, damaged or stale), for the loop's repair of a resumed workdir.
 
 `stream_pool` computes the sampler's pool of images that do not fit in memory together
 (`jax-seqgcn select --images`): `cycle.embed_pool`'s fields from batches of images, keeping only
@@ -268,3 +269,29 @@ def folder_pool(setup: cycle.CycleSetup, state, directory, node_ids: List[str],
   with contextlib.closing(batches):
     return stream_pool(setup, state, batches, labelled_mask, allocate=allocate,
                        progress=progress)
+
+
+def selection_problem(path: pathlib.Path, before, after) -> Optional[str]:
+  """Why a saved selection is unusable: "missing", "damaged" (unreadable or inconsistent
+  arrays) or "stale" (its labelled set or picks are not the checkpoint's: `before`, the
+  cycle's labelled set, and `after`, the next one; None where unknown); None when it is good."""
+  if not path.exists():
+    return "missing"
+  try:
+    saved = load(path)  # reads every array: a truncated zip fails here
+    m = len(saved.ids)
+    good = (saved.ids.ndim == 1 and saved.embeddings.shape[:1] == (m,)
+            and saved.embeddings.ndim == 2 and saved.labelled.shape == (m,)
+            and saved.labelled.dtype == bool and saved.picked.ndim == 1
+            and bool(np.all((saved.picked >= 0) & (saved.picked < m))))
+  except Exception:  # pylint: disable=broad-except  (zip, npy and key errors)
+    return "damaged"
+  if not good:
+    return "damaged"
+  labelled = saved.ids[saved.labelled]
+  if before is not None and not np.array_equal(labelled, before):
+    return "stale"
+  if after is not None and not np.array_equal(
+      np.concatenate([labelled, saved.ids[saved.picked]]), after):
+    return "stale"
+  return None

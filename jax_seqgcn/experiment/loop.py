@@ -235,7 +235,7 @@ class _Run:
                                  self.resolved, f"checkpoint {step}")
     self.records = results_lib.records_from_array(np.asarray(tree["results"]))
     labelled = np.asarray(tree["labelled"], np.int64)
-    self.trial_sets = _trial_sets(self.records, step // self.cycles, labelled,
+    self.trial_sets = results_lib.trial_sets(self.records, step // self.cycles, labelled,
                                   tree.get("past_labelled"))
     return step, labelled
 
@@ -252,16 +252,16 @@ class _Run:
       path = _labelled_path(self.workdir, r.trial, r.cycle)
       expected = None if known is None or len(known) < r.n_labelled else known[:r.n_labelled]
       if expected is None:
-        if not _is_int_vector(path, r.n_labelled):
+        if not results_lib.is_int_vector(path, r.n_labelled):
           unknown.append(path.name)
-      elif not _equal_file(path, expected):
+      elif not results_lib.equal_file(path, expected):
         np.save(path, expected)
         rewritten.append(path.name)
       if save_embeddings and r.cycle < self.cycles - 1:  # a cycle that selected
         after = (None if known is None or len(known) < r.n_labelled + al.budget
                  else known[:r.n_labelled + al.budget])
         file = embeddings_lib.path(self.workdir, r.trial, r.cycle)
-        problem = _selection_problem(file, expected, after)
+        problem = embeddings_lib.selection_problem(file, expected, after)
         if problem:
           if problem != "missing":
             file.unlink()
@@ -404,67 +404,6 @@ def _close(exp: _Run, *, quiet: bool) -> None:
     except Exception:  # pylint: disable=broad-except
       if not quiet:
         raise
-
-
-def _trial_sets(records, trial: int, labelled: np.ndarray, past) -> Dict[int, np.ndarray]:
-  """{trial: latest labelled set} from a checkpoint: `labelled` for the checkpoint's `trial`,
-  and `past` (the earlier trials' final sets one after the other, each as long as its last
-  cycle's labelled count) split; without `past` (an older checkpoint) only `trial` is known."""
-  sets = {trial: labelled}
-  sizes = {}
-  for r in records:
-    if r.trial < trial:
-      sizes[r.trial] = max(sizes.get(r.trial, 0), r.n_labelled)
-  past = None if past is None else np.asarray(past, np.int64)
-  if past is not None and len(past) == sum(sizes.values()):
-    start = 0
-    for t in sorted(sizes):
-      sets[t] = past[start:start + sizes[t]]
-      start += sizes[t]
-  return sets
-
-
-def _equal_file(path: pathlib.Path, expected: np.ndarray) -> bool:
-  """Whether the .npy at `path` holds exactly `expected` (same dtype too)."""
-  try:
-    saved = np.load(path, allow_pickle=False)
-  except Exception:  # pylint: disable=broad-except  (missing, truncated, not an npy)
-    return False
-  return saved.dtype == expected.dtype and np.array_equal(saved, expected)
-
-
-def _selection_problem(path: pathlib.Path, before, after) -> Optional[str]:
-  """Why a saved selection is unusable: "missing", "damaged" (unreadable or inconsistent
-  arrays) or "stale" (its labelled set or picks are not the checkpoint's: `before`, the
-  cycle's labelled set, and `after`, the next one; None where unknown); None when it is good."""
-  if not path.exists():
-    return "missing"
-  try:
-    saved = embeddings_lib.load(path)  # reads every array: a truncated zip fails here
-    m = len(saved.ids)
-    good = (saved.ids.ndim == 1 and saved.embeddings.shape[:1] == (m,)
-            and saved.embeddings.ndim == 2 and saved.labelled.shape == (m,)
-            and saved.labelled.dtype == bool and saved.picked.ndim == 1
-            and bool(np.all((saved.picked >= 0) & (saved.picked < m))))
-  except Exception:  # pylint: disable=broad-except  (zip, npy and key errors)
-    return "damaged"
-  if not good:
-    return "damaged"
-  labelled = saved.ids[saved.labelled]
-  if before is not None and not np.array_equal(labelled, before):
-    return "stale"
-  if after is not None and not np.array_equal(
-      np.concatenate([labelled, saved.ids[saved.picked]]), after):
-    return "stale"
-  return None
-
-
-def _is_int_vector(path: pathlib.Path, size: int) -> bool:
-  try:
-    saved = np.load(path, allow_pickle=False)
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return saved.shape == (size,) and np.issubdtype(saved.dtype, np.integer)
 
 
 def _warn(message: str) -> None:

@@ -4,6 +4,8 @@ A run's `results.jsonl` holds one `Record` per trial x cycle. `summarize` groups
 `markdown_table` and `plot_curves` compare one or more runs (e.g. one workdir per sampler).
 `aubc`, `aubc_by_trial` and `summarize_aubc` give the one-number summary of a learning curve that
 active learning benchmarks compare (the area under the budget curve, as DeepAL+ reports it).
+`trial_sets`, `equal_file` and `is_int_vector` serve the loop's repair of a workdir's labelled
+sets from a checkpoint.
 """
 
 import json
@@ -307,3 +309,39 @@ def plot_curves(runs: Dict[str, Sequence[Record]], path, *, ylabel: str = "test 
   tmp = pathlib.Path(str(path) + ".tmp.png")
   fig.savefig(tmp, dpi=120)
   os.replace(tmp, path)
+
+
+def trial_sets(records, trial: int, labelled: np.ndarray, past) -> Dict[int, np.ndarray]:
+  """{trial: latest labelled set} from a checkpoint: `labelled` for the checkpoint's `trial`,
+  and `past` (the earlier trials' final sets one after the other, each as long as its last
+  cycle's labelled count) split; without `past` (an older checkpoint) only `trial` is known."""
+  sets = {trial: labelled}
+  sizes = {}
+  for r in records:
+    if r.trial < trial:
+      sizes[r.trial] = max(sizes.get(r.trial, 0), r.n_labelled)
+  past = None if past is None else np.asarray(past, np.int64)
+  if past is not None and len(past) == sum(sizes.values()):
+    start = 0
+    for t in sorted(sizes):
+      sets[t] = past[start:start + sizes[t]]
+      start += sizes[t]
+  return sets
+
+
+def equal_file(path: pathlib.Path, expected: np.ndarray) -> bool:
+  """Whether the .npy at `path` holds exactly `expected` (same dtype too)."""
+  try:
+    saved = np.load(path, allow_pickle=False)
+  except Exception:  # pylint: disable=broad-except  (missing, truncated, not an npy)
+    return False
+  return saved.dtype == expected.dtype and np.array_equal(saved, expected)
+
+
+def is_int_vector(path: pathlib.Path, size: int) -> bool:
+  """Whether the .npy at `path` is a readable [size] integer vector."""
+  try:
+    saved = np.load(path, allow_pickle=False)
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return saved.shape == (size,) and np.issubdtype(saved.dtype, np.integer)
