@@ -176,17 +176,32 @@ def embed_pool(setup: CycleSetup, state, images, nodes, labelled_mask,
     out["features"] = out.pop("embedding")
     fields.update({k: out[k] for k in FORWARD_FIELDS if k in needs})
     if "mc_probabilities" in needs:
-      rate = getattr(setup.model, "dropout_rate", 0.0)
-      if not rate or key is None:
-        raise ValueError(f"sampler {setup.sampler.name} needs MC-dropout predictions: a "
-                         "classification learner built with dropout_rate > 0 "
-                         "(config.learner.mc_dropout) and a key")
-      fields["mc_probabilities"] = np.asarray(training.mc_dropout_probabilities(
-          key, state.params["head"], out["features"], rate,
-          setup.options.get("bald_samples", samplers.bald.DEFAULT_SAMPLES)))
+      fields["mc_probabilities"] = mc_probabilities(setup, state, out["features"], key)
   if "images" in needs:
     fields["images"] = augment.preprocess_all(images, nodes, setup.preprocessing)
   return samplers.Pool(labelled_mask, **fields)
+
+
+def mc_dropout_rate(setup: CycleSetup, key: Optional[jax.Array]) -> float:
+  """The learner's dropout rate, for a sampler that needs MC-dropout predictions.
+
+  Raises:
+    ValueError: the learner has no dropout, or there is no key for the passes.
+  """
+  rate = getattr(setup.model, "dropout_rate", 0.0)
+  if not rate or key is None:
+    raise ValueError(f"sampler {setup.sampler.name} needs MC-dropout predictions: a "
+                     "classification learner built with dropout_rate > 0 "
+                     "(config.learner.mc_dropout) and a key")
+  return rate
+
+
+def mc_probabilities(setup: CycleSetup, state, features, key) -> np.ndarray:
+  """[T, N, C] `training.mc_dropout_probabilities` of the pool's [N, D] embeddings, T = the
+  sampler's `bald_samples` option; ValueError as `mc_dropout_rate`."""
+  return np.asarray(training.mc_dropout_probabilities(
+      key, state.params["head"], features, mc_dropout_rate(setup, key),
+      setup.options.get("bald_samples", samplers.bald.DEFAULT_SAMPLES)))
 
 
 def candidates(key: jax.Array, labelled, pool_size: int,

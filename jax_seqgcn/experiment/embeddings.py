@@ -34,7 +34,6 @@ import jax
 import numpy as np
 
 from jax_seqgcn import samplers
-from jax_seqgcn import training
 from jax_seqgcn.data import stream as stream_lib
 from jax_seqgcn.experiment import cycle
 from jax_seqgcn.training import augment
@@ -186,11 +185,8 @@ def stream_pool(setup: cycle.CycleSetup, state, batches: Iterable[Tuple[int, np.
   labelled_mask = np.asarray(labelled_mask, bool)
   num_nodes = len(labelled_mask)
   keep, with_images = stream_fields(setup)
-  rate = getattr(setup.model, "dropout_rate", 0.0)
-  if "mc_probabilities" in setup.sampler.needs and (not rate or key is None):
-    raise ValueError(f"sampler {setup.sampler.name} needs MC-dropout predictions: a "
-                     "classification learner built with dropout_rate > 0 "
-                     "(config.learner.mc_dropout) and a key")
+  if "mc_probabilities" in setup.sampler.needs:
+    cycle.mc_dropout_rate(setup, key)  # before the pass, not after it
   if not keep and not with_images:
     return samplers.Pool(labelled_mask)
   allocate = allocate or (lambda name, shape, dtype: np.empty(shape, dtype))
@@ -221,9 +217,7 @@ def stream_pool(setup: cycle.CycleSetup, state, batches: Iterable[Tuple[int, np.
     fields["probabilities"][:] = jax.nn.softmax(np.asarray(logits, np.float32), axis=-1)
     del logits
   if "mc_probabilities" in setup.sampler.needs:
-    fields["mc_probabilities"] = np.asarray(training.mc_dropout_probabilities(
-        key, state.params["head"], fields["features"], rate,
-        setup.options.get("bald_samples", samplers.bald.DEFAULT_SAMPLES)))
+    fields["mc_probabilities"] = cycle.mc_probabilities(setup, state, fields["features"], key)
   return samplers.Pool(labelled_mask, **{k: v for k, v in fields.items()
                                           if k in setup.sampler.needs})
 
