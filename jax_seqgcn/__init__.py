@@ -15,7 +15,7 @@ each importing only the ones below it:
   `initialize_distributed`).
 * `selection`: the pure algorithms: `normalized_adjacency`, `factored_adjacency`, `propagate`,
   `GCN`, `gcn_loss`, `train_gcn`, `params_from_torch`, `k_center_greedy`,
-  `k_center_greedy_sharded`, `k_medoids`, `k_means`.
+  `k_center_greedy_sharded`, `k_medoids`, `k_medoids_sharded`, `k_means`.
 * `models`, `data`, `runtime`, `checks`: learners (`get_learner`, `ResNet18`, `VGG11`,
   `DeepPrior`, `SmallCNN`), datasets (`load_dataset`, `Dataset`), entry-point helpers, input checks.
 
@@ -63,6 +63,7 @@ from jax_seqgcn.selection import k_center_greedy
 from jax_seqgcn.selection import k_center_greedy_sharded
 from jax_seqgcn.selection import k_means
 from jax_seqgcn.selection import k_medoids
+from jax_seqgcn.selection import k_medoids_sharded
 from jax_seqgcn.selection import normalized_adjacency
 from jax_seqgcn.selection import params_from_torch
 from jax_seqgcn.selection import propagate

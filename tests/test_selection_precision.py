@@ -22,6 +22,7 @@ import pytest
 import jax_seqgcn
 from jax_seqgcn import samplers
 from jax_seqgcn.samplers import badge
+from jax_seqgcn.samplers import badge_sharded
 from jax_seqgcn.samplers import featprop
 from jax_seqgcn.samplers import probcover
 from jax_seqgcn.samplers import typiclust
@@ -237,6 +238,11 @@ def test_k_medoids_and_featprop():
       featprop.propagate_features(features, hops=1),
       jax_seqgcn.k_medoids(jax.random.key(0), features, ~labelled, 5, max_sweeps=2).medoids,
       kmedoids.medoid_cost(features, ~labelled, jnp.arange(5))))
+  mesh = jax.make_mesh((1,), ("data",))
+  assert_all_highest(lambda: (
+      featprop.propagate_features_sharded(features, 1, mesh),
+      jax_seqgcn.k_medoids_sharded(jax.random.key(0), features, ~labelled, 5, mesh=mesh,
+                                   max_sweeps=2).medoids))
 
 
 def test_badge():
@@ -246,6 +252,8 @@ def test_badge():
       _registered("BADGE", features, labelled, probabilities),
       badge.badge(jax.random.key(0), features, probabilities, labelled, 5),
       badge.sq_distances_to(factors, 3)))
+  assert_all_highest(lambda: badge_sharded.badge_sharded(
+      jax.random.key(0), features, probabilities, labelled, 5, mesh=jax.make_mesh((1,), ("data",))))
 
 
 def test_typiclust_and_k_means():

@@ -10,7 +10,8 @@ what it needs. One module per family:
 * `learning_loss`: LearningLoss (predicted losses of a LossNet trained with the learner).
 * `featprop`: FeatProp (k-medoids of the unlabelled nodes on graph-propagated features).
 * `uncertainty`: Entropy, Margin, LeastConfidence on the learner's class probabilities.
-* `badge`: BADGE, k-means++ seeding on last-layer gradient embeddings (features + probabilities).
+* `badge`: BADGE, k-means++ seeding on last-layer gradient embeddings (features + probabilities);
+  `badge_sharded`: its seeding split over a device mesh.
 * `power`: PowerEntropy, draws proportional to entropy^beta (`power_sample` for any score).
 * `typiclust`: TypiClust (TPC-RP), the most typical node of the least-labelled k-means clusters.
 * `probcover`: ProbCover, greedy max coverage of delta-balls on unit embeddings.

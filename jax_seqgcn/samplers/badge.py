@@ -30,6 +30,10 @@ so each pick costs one [N, D] @ [D] and one [N, C] @ [C] product, inside one `la
 that carries the running [N] minimum of D^2 (no N x N matrix either). The expansion can round to
 tiny negatives for near-identical embeddings; those are clamped to 0, and picked nodes are
 masked out explicitly because rounding leaves their own distance slightly above 0.
+
+Inside `samplers.on_mesh(mesh)` over several devices (or processes), the registered sampler
+runs `badge_sharded.kmeans_pp_seeding_sharded`: the same seeding with the node arrays split
+over the mesh axis 'data' (see that module for when its picks can differ in float32).
 """
 
 from typing import NamedTuple
@@ -40,6 +44,7 @@ import jax.numpy as jnp
 
 from jax_seqgcn.samplers import base
 from jax_seqgcn.samplers import uncertainty
+from jax_seqgcn.selection import sharding
 
 # Full float32 products on every backend (TPU: not bfloat16 passes); see selection/__init__.py.
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -102,9 +107,25 @@ def sq_distances_to(factors: GradientFactors, centre: jax.Array) -> jax.Array:
   Returns:
     [N] float, >= 0 (rounding below 0 is clamped); about 0, not exactly, at `centre`.
   """
-  residual_dot = jnp.matmul(factors.residual, factors.residual[centre], precision=HIGHEST)
-  feature_dot = jnp.matmul(factors.features, factors.features[centre], precision=HIGHEST)
-  sq_dist = factors.sq_norms + factors.sq_norms[centre] - 2.0 * residual_dot * feature_dot
+  return sq_distances_to_row(factors, factors.residual[centre], factors.features[centre],
+                             factors.sq_norms[centre])
+
+
+def sq_distances_to_row(factors: GradientFactors, residual: jax.Array, features: jax.Array,
+                        sq_norm: jax.Array) -> jax.Array:
+  """`sq_distances_to` given the centre's factors (e.g. a row gathered from another device).
+
+  Args:
+    factors: `gradient_factors` of N nodes.
+    residual: [C] the centre's residual.
+    features: [D] the centre's features.
+    sq_norm: scalar, the centre's |g|^2.
+  Returns:
+    [N] float, >= 0.
+  """
+  residual_dot = jnp.matmul(factors.residual, residual, precision=HIGHEST)
+  feature_dot = jnp.matmul(factors.features, features, precision=HIGHEST)
+  sq_dist = factors.sq_norms + sq_norm - 2.0 * residual_dot * feature_dot
   return jnp.maximum(sq_dist, 0.0)
 
 
@@ -198,5 +219,12 @@ def badge(key: jax.Array, features: jax.Array, probabilities: jax.Array,
                description="k-means++ seeding on last-layer gradient embeddings (Ash et al. 2020)")
 def _badge(key, pool: base.Pool, budget: int) -> jax.Array:
   uncertainty.check_probabilities(pool.probabilities, "BADGE")
+  mesh = base.current_mesh()
+  if sharding.spans_devices(mesh):  # inside `base.on_mesh`: the nodes split over the devices
+    # Imported here: badge_sharded builds on this module.
+    from jax_seqgcn.samplers import badge_sharded  # pylint: disable=import-outside-toplevel
+    return badge_sharded.kmeans_pp_seeding_sharded(key, pool.features, pool.probabilities,
+                                                   pool.labelled_mask, budget=int(budget),
+                                                   mesh=mesh)
   return kmeans_pp_seeding_jit(key, jnp.asarray(pool.features), jnp.asarray(pool.probabilities),
                                jnp.asarray(pool.labelled_mask), budget=int(budget))

@@ -10,6 +10,11 @@ option).
   I = H[mean_t p_t] - mean_t H[p_t], in nats (`bald_scores`).
 * `PowerBALD` (Kirsch et al. 2023): `budget` nodes drawn without replacement with probability
   proportional to I^beta (`power_beta`), by Gumbel top-k (`power.power_sample`).
+
+Inside `samplers.on_mesh(mesh)` over several devices (or processes), the [T, N, C] field is
+split over the mesh axis 'data' along N (each device scores N / devices nodes), and the ranking
+is a global top-k (`selection.sharding.global_top_k`; `power.power_sample_on_mesh`): the
+picks are the single-device picks.
 """
 
 import functools
@@ -22,6 +27,7 @@ import numpy as np
 from jax_seqgcn import checks
 from jax_seqgcn.samplers import base
 from jax_seqgcn.samplers import power
+from jax_seqgcn.selection import sharding
 
 DEFAULT_SAMPLES = 20
 OPTIONS = dict(bald_samples=DEFAULT_SAMPLES)
@@ -62,11 +68,28 @@ def _top(mc_probabilities, labelled_mask, *, budget):
   return base.top_unlabelled(bald_scores(mc_probabilities), labelled_mask, budget)
 
 
+@functools.partial(jax.jit, static_argnames=("budget",))
+def _power(key, mc_probabilities, labelled_mask, beta, *, budget):
+  # Scores and draw in one program, as on a mesh (`power.power_sample_on_mesh`): a BALD of 0
+  # (identical passes) rounds the same way in both.
+  return power.power_sample(key, bald_scores(mc_probabilities), labelled_mask, budget, beta)
+
+
+def _local_top(mc_probabilities, available, *, budget):
+  """`_top` on one shard of the nodes (inside `sharding.map_rows`): [budget] global picks."""
+  return sharding.top_available(bald_scores(mc_probabilities), available, budget=budget)
+
+
 @base.register("BALD", needs=("mc_probabilities",), options=OPTIONS, check=check_options,
                description="largest mutual information of T MC-dropout predictions")
 def _bald(key, pool: base.Pool, budget: int, **options) -> jax.Array:
   del key, options  # deterministic; bald_samples is read when the field is computed
   _check_field(pool, "BALD")
+  mesh = base.current_mesh()
+  if sharding.spans_devices(mesh):  # inside `base.on_mesh`: the nodes split over the devices
+    return jnp.asarray(sharding.map_rows(
+        _local_top, mesh, (pool.mc_probabilities, ~np.asarray(pool.labelled_mask, bool)),
+        axes=(1, 0), budget=int(budget)))
   return _top(jnp.asarray(pool.mc_probabilities), jnp.asarray(pool.labelled_mask),
               budget=int(budget))
 
@@ -77,6 +100,10 @@ def _bald(key, pool: base.Pool, budget: int, **options) -> jax.Array:
                description="draws with probability proportional to BALD^beta (Gumbel top-k)")
 def _power_bald(key, pool: base.Pool, budget: int, **options) -> jax.Array:
   _check_field(pool, "PowerBALD")
-  scores = bald_scores(jnp.asarray(pool.mc_probabilities))
-  return power.power_sample(key, scores, jnp.asarray(pool.labelled_mask), int(budget),
-                            options["power_beta"])
+  mesh = base.current_mesh()
+  if sharding.spans_devices(mesh):
+    return power.power_sample_on_mesh(mesh, key, bald_scores, pool.mc_probabilities,
+                                      pool.labelled_mask, int(budget), options["power_beta"],
+                                      node_axis=1)
+  return _power(key, jnp.asarray(pool.mc_probabilities), jnp.asarray(pool.labelled_mask),
+                float(options["power_beta"]), budget=int(budget))

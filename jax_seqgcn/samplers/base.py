@@ -40,9 +40,17 @@ _MESH = contextvars.ContextVar("jax_seqgcn_sampler_mesh", default=None)
 @contextlib.contextmanager
 def on_mesh(mesh):
   """Within this block, the samplers that can split the nodes over devices do so over `mesh`'s
-  axis 'data': UncertainGCN and CoreGCN (the factored two-layer GCN, `graph.train_gcn(mesh=)`),
-  and the k-center of CoreGCN and CoreSet (`k_center_greedy_sharded`). The others run on one
-  device. In a multi-process run every process must enter it with the run's global mesh and
+  axis 'data', each device holding N / devices rows of the node arrays:
+  * UncertainGCN and CoreGCN (the factored two-layer GCN, `graph.train_gcn(mesh=)`), and the
+    k-center of CoreGCN and CoreSet (`k_center_greedy_sharded`);
+  * BADGE (`badge_sharded`: its k-means++ seeding; the same picks in float64, in float32 a draw
+    can differ where the summation order of the weights flips it);
+  * FeatProp (its factored propagation, one [dim, dim] all-reduce per hop, and
+    `k_medoids_sharded`; the same picks in float64);
+  * Entropy, Margin, LeastConfidence, BALD, PowerBALD, PowerEntropy and LearningLoss (each
+    device scores its rows; a global top-k gives the single-device picks, ties included).
+  The others (Random, VAAL, TypiClust, ProbCover, ClusterMargin, UncertainDiscriminator) run on
+  one device. In a multi-process run every process must enter it with the run's global mesh and
   call the sampler (one SPMD program; the picks are the same everywhere). None, or a mesh of
   one device in one process, changes nothing.
 

@@ -20,16 +20,29 @@ selection). In the pool-based loop the labelled nodes still shape the graph and,
 the propagated features of their neighbours, but they neither count in the k-medoids cost nor
 can be medoids: each round picks `budget` representatives of what is still unlabelled. So the
 picks are `budget` distinct unlabelled nodes, and FeatProp also works with no labelled node.
+
+Inside `samplers.on_mesh(mesh)` over several devices both steps split the nodes over the mesh
+axis 'data': the propagation is linear in N in its factored form (each hop one [dim, dim]
+`psum` of V^T (X / d); `propagate_features_sharded`) and the k-medoids is
+`kmedoids_sharded.k_medoids_rows` on the propagated rows as they lie. The picks are the same on
+every process (in float64 those of one device; in float32 a near-tie may differ).
 """
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from jax_seqgcn import checks
+from jax_seqgcn.selection import adjacency
 from jax_seqgcn.selection import graph
 from jax_seqgcn.selection import kmedoids
+from jax_seqgcn.selection import kmedoids_sharded
+from jax_seqgcn.selection import sharding
 from jax_seqgcn.samplers import base
 from jax_seqgcn.training import progress
 
@@ -81,6 +94,59 @@ def propagate_features(features: jax.Array, hops: int = HOPS) -> jax.Array:
   return _propagate_hops(adjacency, features, jnp.int32(hops))
 
 
+_ROWS = P(sharding.DATA_AXIS)
+
+
+def _psum(x):
+  return jax.lax.psum(x, sharding.DATA_AXIS)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _graph_sharded(rows, *, mesh):
+  """(V, d) of `graph.factored_adjacency` on each shard: V^T 1 is a `psum`."""
+  def local(rows):
+    unit = adjacency.l2_normalize(rows)
+    total = _psum(jnp.sum(unit, axis=0))
+    return unit, jnp.matmul(unit, total, precision=adjacency.HIGHEST) - 1.0
+  return jax.shard_map(local, mesh=mesh, in_specs=_ROWS, out_specs=(_ROWS, _ROWS))(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _propagate_hops_sharded(unit, sums, rows, hops, *, mesh):
+  def local(unit, sums, rows, hops):
+    def hop(_, x):  # `adjacency.propagate` of the factored form, V^T (x / d) all-reduced
+      scaled = x / sums[:, None]
+      inner = _psum(jnp.matmul(unit.T, scaled, precision=adjacency.HIGHEST))
+      return jnp.matmul(unit, inner, precision=adjacency.HIGHEST) - scaled + x
+    return jax.lax.fori_loop(0, hops, hop, rows)
+  return jax.shard_map(local, mesh=mesh, in_specs=(_ROWS, _ROWS, _ROWS, P()),
+                       out_specs=_ROWS)(unit, sums, rows, hops)
+
+
+def propagate_features_sharded(features: np.ndarray, hops: int, mesh: Mesh) -> jax.Array:
+  """`propagate_features` with the nodes split over `mesh`'s axis 'data'.
+
+  Args:
+    features: [N, dim] checked host features (float32, or float64 under x64), the same on
+      every process.
+    hops: number of applications of A, 0 <= hops <= MAX_HOPS.
+    mesh: a mesh with an axis 'data'.
+  Returns:
+    [N_pad, dim] global array split over 'data' (N_pad = N padded to a multiple of the shards,
+    zero rows past N): A^hops X, each device computing N / P rows; per hop one [dim, dim]
+    all-reduce. Equal to `propagate_features` up to the order of float additions.
+  Raises:
+    ValueError: degenerate features (a column sum of the similarity graph ~0), as there.
+  """
+  check_options({"featprop_hops": hops})
+  num_nodes = features.shape[0]
+  rows = sharding.shard_rows(mesh, features, sharding.padded_rows(num_nodes, mesh))
+  # Padding rows: V = 0, d = -1, so they stay 0 and add nothing to V^T (x / d).
+  unit, sums = _graph_sharded(rows, mesh=mesh)
+  checks.column_sums(sharding.to_host(sums)[:num_nodes])
+  return _propagate_hops_sharded(unit, sums, rows, np.int32(hops), mesh=mesh)
+
+
 def featprop_medoids(key: jax.Array, features: jax.Array, labelled_mask: jax.Array, budget: int,
                      *, hops: int = HOPS,
                      max_sweeps: int = kmedoids.DEFAULT_MAX_SWEEPS) -> kmedoids.KMedoidsResult:
@@ -95,21 +161,31 @@ def featprop_medoids(key: jax.Array, features: jax.Array, labelled_mask: jax.Arr
     max_sweeps: cap on FasterPAM passes (`featprop_max_sweeps`).
   Returns:
     `kmedoids.KMedoidsResult`; `.medoids` are the picks, `.converged` says whether they are
-    swap-optimal or the sweep cap was hit.
+    swap-optimal or the sweep cap was hit. Inside `samplers.on_mesh` over several devices
+    (both steps split over the mesh), NumPy values, the same on every process.
   Raises:
     ValueError: as `propagate_features`, a bad mask, budget or option.
   """
   check_options({"featprop_hops": hops, "featprop_max_sweeps": max_sweeps})
   pool = base.validate_pool(base.Pool(labelled_mask, features=features), budget, ("features",),
                             name="FeatProp")
-  propagated = propagate_features(pool.features, hops)
 
   def report(sweeps, cost, swaps):  # after each swap pass: live progress at large N
     progress.report("kmedoids", {"cost": [cost], "swaps": [swaps]}, first_step=sweeps - 1,
                     total_steps=max_sweeps)
 
-  result = kmedoids.k_medoids(key, propagated, ~jnp.asarray(pool.labelled_mask), int(budget),
-                              max_sweeps=max_sweeps, on_sweep=report)
+  mesh = base.current_mesh()
+  if sharding.spans_devices(mesh):  # inside `base.on_mesh`: the nodes split over the devices
+    num_nodes = pool.labelled_mask.shape[0]
+    num_rows = sharding.padded_rows(num_nodes, mesh)
+    propagated = propagate_features_sharded(np.asarray(pool.features), hops, mesh)
+    unlabelled = sharding.shard_rows(mesh, ~np.asarray(pool.labelled_mask), num_rows)
+    result = kmedoids_sharded.k_medoids_rows(key, propagated, unlabelled, num_nodes, int(budget),
+                                             mesh=mesh, max_sweeps=max_sweeps, on_sweep=report)
+  else:
+    propagated = propagate_features(pool.features, hops)
+    result = kmedoids.k_medoids(key, propagated, ~jnp.asarray(pool.labelled_mask), int(budget),
+                                max_sweeps=max_sweeps, on_sweep=report)
   if bool(result.converged):
     _LOG.info("FeatProp: k-medoids converged after %d sweep(s), %d swaps, cost %.6g",
               int(result.sweeps), int(result.swaps), float(result.cost))

@@ -14,6 +14,10 @@ learner's training, not the pick:
 * `lossnet_margin`: hinge margin of the ranking loss (reference 1.0);
 * `lossnet_detach_fraction`: fraction of the epochs after which the stage features are
   detached for the LossNet (reference: epoch 120 of 200 = 0.6).
+
+Inside `samplers.on_mesh(mesh)` over several devices (or processes), the predicted losses are
+split over the mesh axis 'data' and ranked with a global top-k (`selection.sharding.
+global_top_k`): the same picks, ties included.
 """
 
 import math
@@ -22,9 +26,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_seqgcn.training import loss_prediction
 from jax_seqgcn.samplers import base
+from jax_seqgcn.selection import sharding
 
 OPTIONS = {
     "lossnet_weight": 1.0,
@@ -101,5 +107,10 @@ def _training(options: Mapping[str, Any], epochs: int) -> dict:
                            "(Yoo & Kweon 2019)")
 def _learning_loss(key, pool: base.Pool, budget: int, **unused_options) -> jax.Array:
   del key
+  mesh = base.current_mesh()
+  if sharding.spans_devices(mesh):  # inside `base.on_mesh`: the nodes split over the devices
+    return jnp.asarray(sharding.map_rows(
+        sharding.top_available, mesh,
+        (pool.predicted_losses, ~np.asarray(pool.labelled_mask, bool)), budget=int(budget)))
   return base.top_unlabelled(jnp.asarray(pool.predicted_losses),
                              jnp.asarray(pool.labelled_mask), budget)

@@ -11,6 +11,12 @@ the common sampler signature.
 The score functions (`entropy_scores`, `margin_scores`, `confidence_scores`) return those
 quantities themselves, so they can be logged or plotted; which end is picked is stated in each.
 Regression learners have no class probabilities, so these samplers refuse them (ValueError).
+
+Inside `samplers.on_mesh(mesh)` over several devices (or processes) the scores are computed with
+the nodes split over the mesh axis 'data' (`selection.sharding.map_rows`: each device scores
+its N / devices rows) and the top `budget` is found with a global top-k (`sharding.
+global_top_k`); the picks are the single-device picks exactly, ties included, since each row's
+score does not depend on the split.
 """
 
 import functools
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_seqgcn.samplers import base
+from jax_seqgcn.selection import sharding
 
 
 def entropy_scores(probabilities: jax.Array) -> jax.Array:
@@ -79,6 +86,14 @@ def _select(probabilities, labelled_mask, *, rule, budget):
   return base.top_unlabelled(scores, labelled_mask, budget)
 
 
+def _local_select(probabilities, available, *, rule, budget):
+  """`_select` on one shard of the rows (inside `sharding.map_rows`): [budget] global picks."""
+  score_fn, sign = _RULES[rule]
+  scores = sign * score_fn(probabilities.astype(jnp.promote_types(probabilities.dtype,
+                                                                  jnp.float32)))
+  return sharding.top_available(scores, available, budget=budget)
+
+
 def check_probabilities(probabilities, name: str):
   """Raises a ValueError unless `probabilities` looks like [N, C >= 2] class probabilities.
 
@@ -97,6 +112,11 @@ def check_probabilities(probabilities, name: str):
 
 def _pick(rule, pool: base.Pool, budget: int) -> jax.Array:
   check_probabilities(pool.probabilities, rule)
+  mesh = base.current_mesh()
+  if sharding.spans_devices(mesh):  # inside `base.on_mesh`: the rows split over the devices
+    return jnp.asarray(sharding.map_rows(
+        _local_select, mesh, (pool.probabilities, ~np.asarray(pool.labelled_mask, bool)),
+        rule=rule, budget=int(budget)))
   return _select(jnp.asarray(pool.probabilities), jnp.asarray(pool.labelled_mask), rule=rule,
                  budget=int(budget))
 

@@ -7,7 +7,8 @@
   factored two-layer GCN with hand-written gradients in linear memory) and `gcn_sharded` (the
   same, the nodes split over a device mesh; `sharding` places rows on the mesh).
 * `kcenter`: k-center greedy in exact float32 distances; `kcenter_sharded` over a device mesh.
-* `kmedoids`: k-medoids (BUILD + SWAP) in blocks, for FeatProp.
+* `kmedoids`: k-medoids (k-means++ seeding + FasterPAM swaps) in blocks, for FeatProp;
+  `kmedoids_sharded` over a device mesh.
 * `kmeans`: k-means (k-means++ seeding, Lloyd iterations) in O(N k) memory, for TypiClust.
 * `coverage`: delta-ball graphs as edge lists and greedy max coverage, for ProbCover.
 
@@ -38,6 +39,7 @@ from jax_seqgcn.selection.graph import train_gcn
 from jax_seqgcn.selection.kcenter import k_center_greedy
 from jax_seqgcn.selection.kcenter_sharded import k_center_greedy_sharded
 from jax_seqgcn.selection.kmedoids import k_medoids
+from jax_seqgcn.selection.kmedoids_sharded import k_medoids_sharded
 from jax_seqgcn.selection.kmeans import k_means
 from jax_seqgcn.selection.coverage import ball_edges
 from jax_seqgcn.selection.coverage import greedy_max_coverage

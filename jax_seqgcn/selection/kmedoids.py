@@ -309,16 +309,7 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
   features = checks.features(features)
   candidate_mask = checks.mask(candidate_mask, features.shape[0], name="candidate_mask")
   num_candidates = int(jnp.sum(candidate_mask))
-  if num_candidates == 0:
-    raise ValueError("candidate_mask selects no node: nothing to cluster")
-  if not checks.is_int(k) or not 1 <= k <= num_candidates:
-    raise ValueError(f"k must be an int in [1, {num_candidates}] (the number of candidates), "
-                     f"got {k!r}")
-  check_max_sweeps(max_sweeps)
-  if not checks.is_real(rel_tol) or not 0.0 <= rel_tol < 1.0:
-    raise ValueError(f"rel_tol must be a number in [0, 1), got {rel_tol!r}")
-  if not checks.is_int(block) or block < 1:
-    raise ValueError(f"block must be an int >= 1, got {block!r}")
+  check_options(num_candidates, k, max_sweeps, rel_tol, block)
   prepared, state = _setup_jit(key, features, candidate_mask, k=int(k))
   tol = jnp.asarray(rel_tol, features.dtype)
   # One compiled call per sweep (the same arithmetic as one while loop), so a long phase can
@@ -330,6 +321,21 @@ def k_medoids(key: jax.Array, features: jax.Array, candidate_mask: jax.Array, k:
       result = _result(state, prepared.num_candidates)
       on_sweep(int(result.sweeps), float(result.cost), int(result.swaps))
   return _result(state, prepared.num_candidates)
+
+
+def check_options(num_candidates: int, k, max_sweeps, rel_tol, block) -> None:
+  """ValueError for `k_medoids`'s k and options (also `kmedoids_sharded`'s), given the number
+  of candidates."""
+  if num_candidates == 0:
+    raise ValueError("candidate_mask selects no node: nothing to cluster")
+  if not checks.is_int(k) or not 1 <= k <= num_candidates:
+    raise ValueError(f"k must be an int in [1, {num_candidates}] (the number of candidates), "
+                     f"got {k!r}")
+  check_max_sweeps(max_sweeps)
+  if not checks.is_real(rel_tol) or not 0.0 <= rel_tol < 1.0:
+    raise ValueError(f"rel_tol must be a number in [0, 1), got {rel_tol!r}")
+  if not checks.is_int(block) or block < 1:
+    raise ValueError(f"block must be an int >= 1, got {block!r}")
 
 
 def check_max_sweeps(max_sweeps, name: str = "max_sweeps") -> None:
