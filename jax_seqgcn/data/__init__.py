@@ -1,7 +1,7 @@
 """Data: the datasets the experiments load (`datasets`) and own image folders (`folder`).
 
-* `datasets`: tfds / Fashion-MNIST IDX (`idx`) / npz sources -> an in-memory `Dataset` of uint8
-  images.
+* `datasets`: tfds / Fashion-MNIST IDX (`idx`) / npz (`npz`) sources -> a `Dataset` of uint8
+  images, in memory, except an uncompressed npz's images: memory-mapped (`stream.RowView`).
 * `folder`: a folder of PNG/JPEG images and a labels CSV (`jax-seqgcn select --images`).
 """
 

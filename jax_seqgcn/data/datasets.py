@@ -1,10 +1,11 @@
-"""Data sources for active learning: whole datasets as in-memory NumPy arrays.
+"""Data sources for active learning: whole datasets as NumPy arrays (in memory, or mapped).
 
 Every loader returns a `Dataset`: uint8 images in NHWC layout plus targets, int32 class
 labels for classification or float32 vectors for regression (e.g. ICVL hand poses).
-Pools in active learning are small enough (CIFAR, SVHN, Fashion-MNIST) to hold in host
-memory, and the samplers index the unlabelled pool directly, so there is no input
-pipeline here: normalisation and augmentation belong to the training code.
+The tfds and IDX pools (CIFAR, SVHN, Fashion-MNIST) are small enough to hold in host memory;
+an npz file's images are memory-mapped and read in batches by the passes that need them. The
+samplers index the unlabelled pool directly, so there is no input pipeline here:
+normalisation and augmentation belong to the training code.
 
 Sources:
   * `load_tfds`: tensorflow-datasets ("cifar10", "cifar100", "svhn_cropped",
@@ -12,7 +13,8 @@ Sources:
   * `load_fashion_mnist_idx` (in `data.idx`, re-exported here): the original gzip IDX files,
     e.g. from the Debian package `dataset-fashion-mnist`; needs neither TensorFlow nor the
     network.
-  * `load_npz`: own data in an `.npz` file, classification or regression.
+  * `load_npz` (in `data.npz`, re-exported here): own data in an `.npz` file, classification
+    or regression; its image arrays are memory-mapped, not read (`data.stream.RowView`s).
   * `load_dataset`: the dispatcher used by the experiment loop.
 
 TensorFlow is imported lazily inside `load_tfds` only: it is slow to import and the
@@ -20,8 +22,6 @@ IDX / npz sources do not need it.
 """
 
 import os
-import zipfile
-import zlib
 from typing import NamedTuple
 
 import numpy as np
@@ -42,9 +42,6 @@ _ORIGINAL_ARCHIVES = {
 # cover several batches). `batch_size=-1` would be simpler, but under `tfds.testing.mock_data` it
 # aborts the whole process (std::length_error).
 TFDS_READ_BATCH = 4096
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # first local file header; empty archive
-_MAX_LABEL = np.iinfo(np.int32).max
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -52,7 +49,8 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class Dataset(NamedTuple):
-  """A whole dataset in host memory.
+  """A whole dataset in host memory (an npz file's images: memory-mapped `data.stream.RowView`s,
+  which give NumPy arrays of the rows asked for).
 
   Attributes:
     train_images: [num_train, height, width, channels] uint8.
@@ -190,211 +188,6 @@ def load_tfds(name, *, data_dir=None):
   return Dataset(train_images, train_labels, test_images, test_labels, num_classes, name)
 
 
-# --------------------------------------------------------------------------- npz
-
-
-def _read_npz(path):
-  """Reads every array of an `.npz` file into memory.
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: "PATH is not a valid .npz: REASON" for an empty (0 bytes) file, text, a
-      renamed .npy, a truncated or corrupt zip archive, members that are not arrays (or hold
-      pickled Python objects), or an archive without arrays.
-  """
-  def invalid(reason):
-    return ValueError(f"{path} is not a valid .npz: {reason}")
-
-  with open(path, "rb") as f:
-    head = f.read(len(_NPY_MAGIC))
-  if not head:
-    raise invalid("the file is empty (0 bytes)")
-  if head.startswith(_NPY_MAGIC):
-    raise invalid("it is a single .npy array (np.save); save the arrays by name with "
-                  "np.savez(path, images=..., targets=...)")
-  if not head.startswith(_ZIP_MAGICS):
-    kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "binary"
-    raise invalid(f"it starts with {head!r} ({kind}), not with a zip header; write it with "
-                  "np.savez(path, images=..., targets=...)")
-  arrays = {}
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      for key in npz.files:
-        try:
-          arrays[key] = npz[key]
-        except ValueError as e:  # pickled objects, or a member that is not a valid .npy
-          raise invalid(f"member {key!r}: {e}") from e
-        if not isinstance(arrays[key], np.ndarray):
-          raise invalid(f"member {key!r} is not a .npy array")
-  except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-    raise invalid(f"truncated or corrupt zip archive ({type(e).__name__}: {e})") from e
-  if not arrays:
-    raise invalid("it holds no arrays; need 'images' and 'targets' (optionally "
-                  "'test_images', 'test_targets')")
-  return arrays
-
-
-def _check_images(images, key, path):
-  if images.dtype != np.uint8:
-    raise ValueError(
-        f"{path}: {key!r} must be uint8, got {images.dtype}; convert before saving, e.g. "
-        "np.clip(np.round(x * 255), 0, 255).astype(np.uint8) for floats in [0, 1]")
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.ndim != 4:
-    raise ValueError(f"{path}: {key!r} must be [N, H, W] or [N, H, W, C], "
-                     f"got shape {images.shape}")
-  return images
-
-
-def _check_targets(targets, key, path, num_images):
-  """Returns int32 [N] labels or float32 [N, K] regression targets."""
-  if len(targets) != num_images:
-    raise ValueError(f"{path}: {num_images} images but {len(targets)} {key!r}")
-  if np.issubdtype(targets.dtype, np.integer):
-    if targets.ndim != 1:
-      raise ValueError(f"{path}: integer (class label) {key!r} must be [N], "
-                       f"got shape {targets.shape}")
-    if targets.size and targets.min() < 0:
-      raise ValueError(f"{path}: negative class label {targets.min()} in {key!r}; class labels "
-                       "must be 0..C-1")
-    if targets.size and targets.max() > _MAX_LABEL:
-      # Casting to int32 would wrap such a label silently.
-      raise ValueError(f"{path}: class label {targets.max()} in {key!r} does not fit in int32; "
-                       "class labels must be 0..C-1")
-    return targets.astype(np.int32)
-  if np.issubdtype(targets.dtype, np.floating):
-    targets = targets.reshape(len(targets), -1).astype(np.float32)
-    if not np.all(np.isfinite(targets)):
-      raise ValueError(f"{path}: non-finite values in {key!r}")
-    return targets
-  raise ValueError(f"{path}: {key!r} must be integer (classification) or float "
-                   f"(regression), got {targets.dtype}")
-
-
-def _first_missing(present, limit=5):
-  """The first `limit` non-negative integers absent from the sorted unique `present`."""
-  missing, expected = [], 0
-  for value in present.tolist():
-    missing.extend(range(expected, min(value, expected + limit - len(missing))))
-    if len(missing) >= limit:
-      break
-    expected = value + 1
-  return missing
-
-
-def _count_classes(labels, what, path):
-  """C for non-negative `labels` that take every value 0..C-1; else a ValueError."""
-  present = np.unique(labels)
-  num_classes = int(present[-1]) + 1
-  if len(present) != num_classes:
-    raise ValueError(
-        f"{path}: class labels must be 0..C-1 with every class present in the training split; "
-        f"{what} have {len(present)} distinct values up to {num_classes - 1}, so "
-        f"{num_classes - len(present)} of the classes 0..{num_classes - 1} have no "
-        f"example (e.g. {_first_missing(present)}). Relabel the classes as "
-        f"0..{len(present) - 1}.")
-  return num_classes
-
-
-def _num_classes(train_labels, test_labels, path, *, file_split):
-  """C for labels 0..C-1 with every class in the training split; else a ValueError."""
-  if file_split:
-    num_classes = _count_classes(train_labels, "the training labels ('targets')", path)
-    if test_labels.max() >= num_classes:
-      raise ValueError(f"{path}: test label {test_labels.max()} has no training example (the "
-                       f"training labels are 0..{num_classes - 1})")
-    return num_classes
-  num_classes = _count_classes(np.concatenate([train_labels, test_labels]),
-                               "the labels in 'targets'", path)
-  only_test = np.setdiff1d(np.arange(num_classes), train_labels)
-  if only_test.size:  # a rare class had all its examples drawn into the test split
-    raise ValueError(f"{path}: the random test split took every example of class(es) "
-                     f"{only_test[:5].tolist()}, so the training split lacks them; change the "
-                     "seed or test_fraction, or give the split in the file ('test_images', "
-                     "'test_targets')")
-  return num_classes
-
-
-def _split_indices(num_examples, test_fraction, seed):
-  """Deterministic random split; each part keeps the file's order."""
-  if not 0.0 < test_fraction < 1.0:
-    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-  num_test = int(round(num_examples * test_fraction))
-  if not 0 < num_test < num_examples:
-    raise ValueError(f"cannot split {num_examples} examples with test_fraction="
-                     f"{test_fraction}: a split would be empty")
-  order = np.random.default_rng(seed).permutation(num_examples)
-  return np.sort(order[num_test:]), np.sort(order[:num_test])
-
-
-def load_npz(path, *, test_fraction=0.2, seed=0, name=None):
-  """Loads own data from an `.npz` file.
-
-  Keys: `images` (uint8 [N, H, W] or [N, H, W, C]; [N, H, W] gets C=1) and `targets`,
-  optionally `test_images` and `test_targets` (both or neither) as the test split.
-  Without them a deterministic random `test_fraction` of the examples becomes the test
-  set. Integer targets mean classification: labels 0..C-1 with every class present in
-  the training split (num_classes = C; test labels must be < C); float targets mean
-  regression (num_classes = 0), flattened to [N, K]
-  (e.g. ICVL joints [N, 16, 3] -> [N, 48]). Images are not converted: non-uint8 images
-  are an error, so that scaling is the caller's explicit choice.
-
-  Args:
-    path: the `.npz` file.
-    test_fraction: fraction of examples held out when the file has no test split.
-    seed: seed of that split.
-    name: dataset name; default the file name without extension.
-  Returns:
-    `Dataset` with uint8 [N, H, W, C] images and int32 [N] / float32 [N, K] targets.
-  Raises:
-    ValueError: not a valid .npz file ("PATH is not a valid .npz: REASON"), missing keys,
-      an empty split, length or shape mismatch, wrong dtypes, class labels that are not
-      0..C-1 with every class in the training split, bad split.
-    FileNotFoundError: no such file.
-  """
-  arrays = _read_npz(path)
-  missing = [key for key in ("images", "targets") if key not in arrays]
-  if missing:
-    raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(arrays)}; need "
-                     "'images' and 'targets' (optionally 'test_images', 'test_targets')")
-  has_test = ("test_images" in arrays, "test_targets" in arrays)
-  if any(has_test) and not all(has_test):
-    raise ValueError(f"{path}: 'test_images' and 'test_targets' must come together")
-
-  images = _check_images(arrays["images"], "images", path)
-  if not len(images):
-    raise ValueError(f"{path}: 'images' holds no examples (the training split is empty)")
-  targets = _check_targets(arrays["targets"], "targets", path, len(images))
-  if all(has_test):
-    train_images, train_targets = images, targets
-    test_images = _check_images(arrays["test_images"], "test_images", path)
-    if not len(test_images):
-      raise ValueError(f"{path}: the test split is empty ('test_images' holds no examples); "
-                       "drop 'test_images' and 'test_targets' to split off test_fraction")
-    test_targets = _check_targets(arrays["test_targets"], "test_targets", path,
-                                  len(test_images))
-    if test_images.shape[1:] != train_images.shape[1:]:
-      raise ValueError(f"{path}: test images {test_images.shape[1:]} vs train images "
-                       f"{train_images.shape[1:]}")
-    if (test_targets.dtype != train_targets.dtype
-        or test_targets.shape[1:] != train_targets.shape[1:]):
-      raise ValueError(f"{path}: test targets {test_targets.dtype}{test_targets.shape[1:]}"
-                       f" vs train targets {train_targets.dtype}{train_targets.shape[1:]}")
-  else:
-    train_idx, test_idx = _split_indices(len(images), test_fraction, seed)
-    train_images, train_targets = images[train_idx], targets[train_idx]
-    test_images, test_targets = images[test_idx], targets[test_idx]
-
-  if train_targets.dtype == np.int32:
-    num_classes = _num_classes(train_targets, test_targets, path, file_split=all(has_test))
-  else:
-    num_classes = 0
-  if name is None:
-    name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  return Dataset(train_images, train_targets, test_images, test_targets, num_classes, name)
-
-
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -446,3 +239,7 @@ def load_dataset(name, *, source="auto", data_dir=None, path=None, test_fraction
     except DatasetNotFoundError:
       pass  # No IDX files: try tfds below.
   return load_tfds(name, data_dir=data_dir)
+
+
+# pylint: disable-next=g-import-not-at-top,wrong-import-position (data.npz imports `Dataset`)
+from jax_seqgcn.data.npz import load_npz  # noqa: E402  pylint: disable=unused-import

@@ -17,6 +17,9 @@ less than the pixels). So it never holds the folder:
   memory-mapped `.npy` files (`numpy.lib.format.open_memmap`) in a hidden temporary folder
   under `parent` for an array over `MEMMAP_BYTES`; the folder is removed when the store closes,
   on error too.
+* `RowView(array, index)`: rows of an [N, ...] array (a memory-mapped `.npz` member,
+  `data.npz`) read only when asked for, a split of the pool without a copy; each gather gives
+  the mapped pages back (`release_pages`).
 
 Why threads and PIL rather than tf.data: decoding is Pillow's C code, which releases the GIL, so
 a few threads decode in parallel; the images are checked and converted exactly as
@@ -29,6 +32,7 @@ conversions, other error words) and load TensorFlow, which `select` does not imp
 import collections
 import concurrent.futures
 import contextlib
+import mmap
 import os
 import pathlib
 import shutil
@@ -206,3 +210,81 @@ class ArrayStore(contextlib.AbstractContextManager):
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def release_pages(array) -> None:
+  """Drops the pages of `array`'s memory map (an `np.memmap` or a view of one) from this
+  process's resident memory: `madvise(MADV_DONTNEED)` on a read-only shared file mapping, whose
+  pages are clean and are read again from the page cache when touched. A no-op for any other
+  array, or where the platform has no such advice."""
+  mapping = getattr(array, "_mmap", None)
+  advice = getattr(mmap, "MADV_DONTNEED", None)
+  if mapping is not None and advice is not None:
+    try:
+      mapping.madvise(advice)
+    except (OSError, ValueError):  # closed, or not supported here: the pages just stay
+      pass
+
+
+class RowView:
+  """Rows of an [N, ...] array read only when asked for: a memory-mapped pool, or a split of one,
+  without copying it.
+
+  `view[ints]` (or `view[bool mask]`) gathers those rows into a new NumPy array, equal to
+  `np.asarray(view)[ints]`, reading only them, then gives the mapped pages back
+  (`release_pages`), so the process holds the gathered rows and not the file pages read for
+  them; `view[a:b]` is another `RowView`, `view[i]` one row. The eval passes
+  (`training.inference`: the class attribute `lazy_rows`) and `augment.preprocess_all` read
+  their batches this way, and the training gathers its labelled rows. `np.asarray(view)` (and
+  any other key, e.g. `view[..., 0]`) reads every row: a full copy, for tests and small pools.
+
+  Attributes:
+    array: the [N, ...] array (an `np.memmap`).
+    index: None (every row of `array`) or [M] int64 row numbers into `array`.
+  """
+  lazy_rows = True
+
+  def __init__(self, array: np.ndarray, index=None):
+    self.array = array
+    self.index = None if index is None else np.asarray(index, np.int64).reshape(-1)
+
+  def __len__(self) -> int:
+    return len(self.array) if self.index is None else len(self.index)
+
+  @property
+  def shape(self) -> Tuple[int, ...]:
+    return (len(self),) + tuple(self.array.shape[1:])
+
+  @property
+  def dtype(self) -> np.dtype:
+    return self.array.dtype
+
+  @property
+  def ndim(self) -> int:
+    return self.array.ndim
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+  def __getitem__(self, key):
+    if isinstance(key, slice):
+      return (RowView(self.array[key]) if self.index is None
+              else RowView(self.array, self.index[key]))
+    if isinstance(key, tuple) or key is Ellipsis:
+      return np.asarray(self)[key]
+    rows = np.asarray(key)
+    if not (np.issubdtype(rows.dtype, np.integer) or rows.dtype == bool):
+      raise IndexError(f"RowView rows must be ints, a bool mask or a slice, got {rows.dtype}")
+    rows = rows if self.index is None else self.index[rows]
+    out = np.array(self.array[rows])  # a plain in-memory copy of those rows alone
+    release_pages(self.array)
+    return out
+
+  def __array__(self, dtype=None, copy=None):  # pylint: disable=unused-argument
+    out = self[np.arange(len(self))]
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+  def __repr__(self) -> str:
+    return (f"RowView({'x'.join(map(str, self.shape))} {self.dtype}, of "
+            f"{type(self.array).__name__} {'x'.join(map(str, self.array.shape))})")

@@ -1,12 +1,14 @@
 """Eval-mode passes of a trained learner: predictions, embeddings, the sampler's pool fields, tests.
 
-Every pass runs over fixed-size batches (one compile for any number of images), without
+Every pass runs over fixed-size batches (one compile for any number of images), each gathered
+from the host images when it runs (a memory-mapped pool is never read whole), without
 augmentation, with the learner's BatchNorm statistics, and returns host NumPy arrays. A learner
 whose `platform` is None runs with the kernels of the mesh's devices (`models.bind_platform`);
 its eval-mode pass (`train=False`) uses XLA's own convolution on every platform, the faster at
 top level on CPU too (`models.conv.conv_impl`).
 """
 
+import collections
 import functools
 
 import jax
@@ -22,6 +24,19 @@ from jax_seqgcn.training.state import _check_hashable
 from jax_seqgcn.training.state import bind_platform
 from jax_seqgcn.training.state import check_task
 from jax_seqgcn.training.state import check_inputs
+
+# Batches of an eval pass dispatched but not yet fetched: the pass holds at most this many
+# batches' inputs and outputs besides the one being gathered, and still overlaps the host's
+# gathering with the device's work.
+_IN_FLIGHT = 2
+
+
+def _host_rows(images):
+  """`images` to gather batches from: a lazy row view (`data.stream.RowView`, e.g. a
+  memory-mapped npz pool: its rows are read batch by batch) as it is, anything else as
+  `np.asarray` (no copy for a NumPy array or `np.memmap`)."""
+  return images if getattr(images, "lazy_rows", False) else np.asarray(images)
+
 
 def _variables(state: TrainState) -> dict:
   variables = {"params": state.params}
@@ -59,7 +74,7 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
   _check_hashable(model)
   mesh = parallel.make_mesh() if mesh is None else mesh
   model = bind_platform(model, mesh)
-  images = np.asarray(images)
+  images = _host_rows(images)
   check_inputs(images, None, None, batch_size, mesh, need_targets=False)
   indices = (np.arange(images.shape[0]) if indices is None
              else np.asarray(indices, dtype=np.int64).reshape(-1))
@@ -71,18 +86,26 @@ def _forward(state, model, images, indices, *, batch_size, preprocessing, mesh,
   variables = {"learner": _variables(state)}
   if loss_net is not None:
     variables["loss_net"] = state.loss_net_params
-  results = []
+  results, pending = [], collections.deque()
   for start in range(0, indices.size, batch_size):
     chunk = indices[start:start + batch_size]
     # Fixed batch shape (one compile for any count): pad with copies of the first index.
     padded = np.concatenate([chunk, np.full(batch_size - chunk.size, chunk[0])])
-    results.append((chunk.size, fn(variables, parallel.shard_batch(mesh, images[padded]))))
+    pending.append((chunk.size, fn(variables, parallel.shard_batch(mesh, images[padded]))))
+    # Dispatch is asynchronous: without a bound, every batch's input could be queued at once.
+    if len(pending) > _IN_FLIGHT:
+      results.append(_fetch(*pending.popleft()))
+  results.extend(_fetch(*batch) for batch in pending)
   if not results:
     shapes = jax.eval_shape(
         fn, variables, jax.ShapeDtypeStruct((batch_size,) + images.shape[1:], images.dtype))
     return tuple(np.zeros((0,) + s.shape[1:], np.float32) for s in shapes)
-  return tuple(np.concatenate([parallel.to_host(arrays[k])[:n] for n, arrays in results])
-               for k in range(len(results[0][1])))
+  return tuple(np.concatenate([rows[k] for rows in results]) for k in range(len(results[0])))
+
+
+def _fetch(count, arrays):
+  """The first `count` rows of a batch's outputs, on the host (waits for the batch)."""
+  return tuple(parallel.to_host(array)[:count] for array in arrays)
 
 
 def forward_outputs(state: TrainState, model, images, indices=None, *, batch_size: int,
@@ -108,7 +131,8 @@ def predict(state: TrainState, model, images, indices=None, *, batch_size: int =
   Args:
     state: trained `TrainState`.
     model: the learner it belongs to.
-    images: [N, H, W, C] raw images (host NumPy; multi-host: the full set in every process).
+    images: [N, H, W, C] raw images (host NumPy, or a `data.stream.RowView` whose rows are
+      read batch by batch; multi-host: the full set in every process).
     indices: optional [M] ints into `images`; None = all N.
     batch_size: fixed device batch (multiple of the device count); one compile for any M.
     preprocessing: `PreprocessSpec`, dataset name or None.
@@ -174,7 +198,7 @@ def evaluate(state: TrainState, model, images, targets, *, task: str = "classifi
     Python float.
   """
   check_task(task)
-  images, targets = np.asarray(images), np.asarray(targets)
+  images, targets = _host_rows(images), np.asarray(targets)
   mesh = parallel.make_mesh() if mesh is None else mesh
   check_inputs(images, targets, task, batch_size, mesh)
   outputs = predict(state, model, images, batch_size=batch_size, preprocessing=preprocessing,
