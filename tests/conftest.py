@@ -295,3 +295,25 @@ def wait_all(procs, timeout: float, what: str = "hang in collectives or a barrie
         proc.kill()
         proc.wait()
   return outputs
+
+
+def run_on_meshes(directory: pathlib.Path, script: str, timeout: float) -> dict:
+  """Runs `script` on 8 fake CPU devices and as 2 processes x 2 devices (jax.distributed on
+  localhost), all at once, and returns each run's saved npz as a dict: {"eight", "process0",
+  "process1"}. The script gets `out process_id num_processes address` as arguments and must
+  `np.savez(out, ...)`; with num_processes > 1 it calls `parallel.initialize_distributed`."""
+  path = directory / "script.py"
+  path.write_text(script)
+  address = f"127.0.0.1:{free_port()}"
+  configs = {"eight": (8, 0, 1, ""), "process0": (2, 0, 2, address),
+             "process1": (2, 1, 2, address)}
+  procs, outs = [], {}
+  for name, (devices, process_id, num_processes, addr) in configs.items():
+    outs[name] = directory / f"{name}.npz"
+    env = python_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                     JAX_PLATFORMS="cpu")
+    procs.append(subprocess.Popen(
+        python_command(str(path), str(outs[name]), str(process_id), str(num_processes), addr),
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  wait_all(procs, timeout)
+  return {name: dict(np.load(out)) for name, out in outs.items()}

@@ -14,13 +14,10 @@ import pytest
 
 from jax_seqgcn.selection import kmedoids
 from jax_seqgcn.selection import kmedoids_sharded
-from tests.conftest import free_port
-from tests.conftest import python_command
-from tests.conftest import python_env
-from tests.conftest import wait_all
 from tests.test_featprop import _points
 from tests.test_featprop import best_swap_change
 from tests.test_featprop import numpy_cost
+from tests.conftest import run_on_meshes
 
 TIMEOUT = 300
 # Not a multiple of 8 or 4 (padding rows); ~283 candidates: two swap blocks of 256 per sweep.
@@ -85,28 +82,9 @@ np.savez(out, **results)
 ''' % dict(n=NUM_NODES, dim=DIM, k=K)
 
 
-def _launch(tmp_path, name, devices, process_id=0, num_processes=1, address=""):
-  script = tmp_path / "kmedoids_sharded.py"
-  script.write_text(_SCRIPT)
-  out = tmp_path / f"{name}.npz"
-  env = python_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JAX_PLATFORMS="cpu")
-  import subprocess  # pylint: disable=import-outside-toplevel
-  proc = subprocess.Popen(python_command(str(script), str(out), str(process_id),
-                                         str(num_processes), address),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  return proc, out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("kmedoids_sharded")
-  address = f"127.0.0.1:{free_port()}"
-  jobs = [_launch(tmp, "eight", 8)] + [
-      _launch(tmp, f"process{i}", 2, i, 2, address) for i in range(2)]
-  wait_all([proc for proc, _ in jobs], TIMEOUT)
-  return {name: dict(np.load(out)) for name, (_, out) in
-          zip(("eight", "process0", "process1"), jobs)}
+  return run_on_meshes(tmp_path_factory.mktemp("kmedoids_sharded"), _SCRIPT, TIMEOUT)
 
 
 def _assert_equal_to_single(run, single):

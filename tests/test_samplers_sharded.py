@@ -11,18 +11,13 @@ subprocess (`XLA_FLAGS` must be set before JAX is imported) that does every samp
 the picks to an npz.
 """
 
-import subprocess
-
 import jax
 import numpy as np
 import pytest
 
 from jax_seqgcn.samplers import badge
 from jax_seqgcn.samplers import badge_sharded
-from tests.conftest import free_port
-from tests.conftest import python_command
-from tests.conftest import python_env
-from tests.conftest import wait_all
+from tests.conftest import run_on_meshes
 
 TIMEOUT = 300
 NUM_NODES = 203  # not a multiple of 8 or 4: the padding rows are exercised
@@ -92,27 +87,9 @@ np.savez(out, **results)
 CASES = SAMPLERS + ("BADGE/flat", "PowerEntropy/flat", "PowerBALD/flat")
 
 
-def _launch(tmp_path, name, devices, process_id=0, num_processes=1, address=""):
-  script = tmp_path / "sharded_samplers.py"
-  script.write_text(_SCRIPT)
-  out = tmp_path / f"{name}.npz"
-  env = python_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                   JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(python_command(str(script), str(out), str(process_id),
-                                         str(num_processes), address),
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  return proc, out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("sharded_samplers")
-  address = f"127.0.0.1:{free_port()}"
-  jobs = [_launch(tmp, "eight", 8)] + [
-      _launch(tmp, f"process{i}", 2, i, 2, address) for i in range(2)]
-  wait_all([proc for proc, _ in jobs], TIMEOUT)
-  return {name: dict(np.load(out)) for name, (_, out) in
-          zip(("eight", "process0", "process1"), jobs)}
+  return run_on_meshes(tmp_path_factory.mktemp("sharded_samplers"), _SCRIPT, TIMEOUT)
 
 
 def _assert_picks_equal(run, single):
