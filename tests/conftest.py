@@ -9,7 +9,11 @@
   `labelled_sets`, `FAST_SAMPLER_OPTIONS`.
 * Tiny learners: `TinyBN`.
 * Subprocesses: `ROOT`, `free_port`, `python_env`, `python_command`, `run_python`,
-  `main_args`.
+  `main_args`, `run_on_meshes`.
+* One persistent XLA compilation cache per test session (`pytest_configure`): a fresh
+  directory that the xdist workers and every subprocess (`experiments/main.py` included) share
+  through `JAX_COMPILATION_CACHE_DIR`, so a program compiled by one of them is loaded by the
+  others; removed at the end. A fresh one each time: a local run starts as cold as CI's.
 
 Fixtures need no import; import the plain helpers with `from tests.conftest import ...` (a
 subprocess can too when it runs with `python_env()`, which puts the repository root on its path).
@@ -20,17 +24,41 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root
+_CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+_CACHE_MIN_SECONDS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def pytest_configure(config):
+  """The session's compilation cache (module docstring). The xdist controller creates it before
+  it starts the workers, which inherit the variables (JAX reads them at import)."""
+  if hasattr(config, "workerinput"):
+    return
+  path = tempfile.mkdtemp(prefix="jax-seqgcn-tests-xla-")
+  config.jax_seqgcn_cache_dir = path
+  os.environ[_CACHE_DIR_ENV] = path
+  os.environ[_CACHE_MIN_SECONDS_ENV] = "0.5"
+  jax.config.update("jax_compilation_cache_dir", path)  # this process (a run without xdist)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+  path = getattr(config, "jax_seqgcn_cache_dir", None)
+  if path is not None:
+    shutil.rmtree(path, ignore_errors=True)
 DATA_DIR = ROOT / "tests" / "data"
 # Reference layout: nodes 0..1999 unlabelled subset, 2000..2999 labelled.
 NUM_NODES, NUM_UNLABELLED = 3000, 2000

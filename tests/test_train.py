@@ -338,3 +338,17 @@ def test_resnet18_embeddings_match_apply():
   got = train.extract_embeddings(state, model, images, np.arange(5), batch_size=16,
                                  preprocessing=spec)
   np.testing.assert_allclose(got, np.asarray(embedding)[:5], rtol=1e-4, atol=1e-5)
+
+
+def test_init_state_equals_model_init_under_a_plain_jit():
+  # `init_train_state` compiles its one-off program with XLA:CPU's cheaper options
+  # (`state.CPU_INIT_OPTIONS`); the parameters and statistics must be those of `model.init`.
+  model = models.ResNet(num_classes=3, stage_sizes=(1,), stage_features=(8,))
+  key = jax.random.key(4)
+  state = train.init_train_state(key, model, (12, 12, 3))
+  expected = jax.jit(lambda k: model.init({"params": k}, jnp.zeros((1, 12, 12, 3)),
+                                          train=False))(key)
+  for got, want in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                       jax.tree.leaves((expected["params"], expected["batch_stats"])),
+                       strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
