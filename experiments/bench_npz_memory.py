@@ -45,6 +45,8 @@ import zipfile
 
 import numpy as np
 
+from bench_select_memory import git_commit  # this folder: on sys.path when run as a script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGE_SHAPE = (64, 64, 3)
 NUM_CLASSES = 10
@@ -142,16 +144,6 @@ def run_child(mode: str, path: pathlib.Path, labelled: int, epochs: int,
               **record)
 
 
-def git_commit() -> str:
-  try:
-    git = lambda *a: subprocess.run(["git", "-C", str(REPO), *a], capture_output=True,
-                                    text=True, check=True).stdout.strip()
-    return git("rev-parse", "--short", "HEAD") + (
-        "+changes" if git("status", "--porcelain", "--", "jax_seqgcn") else "")
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--count", type=int, default=80000)
@@ -192,7 +184,7 @@ def main():
         runs.append(run)
     pixels = args.count * int(np.prod(IMAGE_SHAPE))
     report = dict(
-        date=datetime.date.today().isoformat(), commit=git_commit(),
+        date=datetime.date.today().isoformat(), commit=git_commit(REPO),
         machine=platform.platform(), cpus=os.cpu_count(),
         load_average_at_start=load_start,
         load_average_at_end=[round(x, 2) for x in os.getloadavg()],

@@ -79,19 +79,6 @@ def layout(features, probabilities, labelled_mask, mesh: Mesh) -> BadgeRows:
                    sharding.shard_rows(mesh, ~np.asarray(labelled_mask, bool), num_rows))
 
 
-def _varying(x):
-  """Marks a value created identically on every device as per-device (loop carries)."""
-  return jax.lax.pcast(x, DATA_AXIS, to="varying")
-
-
-def _owner_row(values, index, offset):
-  """Row `index` (a global index) of the row-split `values` [n_local, ...], on every shard."""
-  local = index - offset
-  owned = (local >= 0) & (local < values.shape[0])
-  row = values[jnp.clip(local, 0, values.shape[0] - 1)]
-  return jax.lax.psum(jnp.where(owned, row, jnp.zeros_like(row)), DATA_AXIS)
-
-
 def draw_proportional_sharded(key: jax.Array, weights: jax.Array) -> jax.Array:
   """`badge.draw_proportional` over row-split weights, inside `shard_map` over 'data'.
 
@@ -136,9 +123,9 @@ def _local_seeding(features, probabilities, available, key_data, *, key_impl, bu
   def body(t, state):
     centre = state.picks[t - 1]
     sq_dist = jnp.minimum(state.min_sq_dist, badge.sq_distances_to_row(
-        factors, _owner_row(factors.residual, centre, offset),
-        _owner_row(factors.features, centre, offset),
-        _owner_row(factors.sq_norms, centre, offset)))
+        factors, sharding.owner_rows(factors.residual, centre),
+        sharding.owner_rows(factors.features, centre),
+        sharding.owner_rows(factors.sq_norms, centre)))
     weights = jnp.where(state.available, sq_dist, 0.0)
     any_weight = jax.lax.psum(jnp.sum(weights), DATA_AXIS) > 0.0
     weights = jnp.where(any_weight, weights, state.available.astype(weights.dtype))
@@ -147,7 +134,7 @@ def _local_seeding(features, probabilities, available, key_data, *, key_impl, bu
                             state.picks.at[t].set(pick))
 
   state = badge.BadgeState(
-      min_sq_dist=_varying(jnp.full((num_local,), jnp.inf, factors.sq_norms.dtype)),
+      min_sq_dist=sharding.varying(jnp.full((num_local,), jnp.inf, factors.sq_norms.dtype)),
       available=available & (global_idx != first),
       picks=jnp.zeros((budget,), jnp.int32).at[0].set(first))
   return jax.lax.fori_loop(1, budget, body, state).picks

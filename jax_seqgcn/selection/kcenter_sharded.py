@@ -36,11 +36,6 @@ DATA_AXIS = sharding.DATA_AXIS
 _PAD = -2.0
 
 
-def _varying(x):
-  """Marks a value created identically on every device as per-device (shard_map loop carries)."""
-  return jax.lax.pcast(x, DATA_AXIS, to="varying")
-
-
 def _merge_nearest_two(features, sq_norms, centre_rows, centre_ids, best):
   """Merges one block of centres into each local node's two nearest: (d2, ids, exact distance).
 
@@ -63,29 +58,21 @@ def _merge_nearest_two(features, sq_norms, centre_rows, centre_ids, best):
           jnp.where(from_block, new_exact, old_exact))
 
 
-def _gather_rows(features, ids, offset):
-  """Rows `ids` (global indices) of the sharded features, on every device: [len(ids), d]."""
-  local = ids - offset
-  owned = (local >= 0) & (local < features.shape[0])
-  rows = features[jnp.clip(local, 0, features.shape[0] - 1)]
-  return jax.lax.psum(jnp.where(owned[..., None], rows, jnp.zeros_like(rows)), DATA_AXIS)
-
-
-def _initial_min_distances(features, all_centres, offset, block):
+def _initial_min_distances(features, all_centres, block):
   """Local [n_local] distances to the nearest centre (+inf without centres)."""
   n_local, n_total = features.shape[0], all_centres.shape[0]
   num_centres = jnp.sum(all_centres)
   centre_idx = jnp.nonzero(all_centres, size=n_total + block,
                            fill_value=jnp.argmax(all_centres))[0].astype(jnp.int32)
   sq_norms = jnp.sum(jnp.square(features), axis=-1)
-  best = (_varying(jnp.full((n_local, 2), jnp.inf, features.dtype)),
-          _varying(jnp.zeros((n_local, 2), jnp.int32)),
-          _varying(jnp.full((n_local, 2), jnp.inf, features.dtype)))
+  best = (sharding.varying(jnp.full((n_local, 2), jnp.inf, features.dtype)),
+          sharding.varying(jnp.zeros((n_local, 2), jnp.int32)),
+          sharding.varying(jnp.full((n_local, 2), jnp.inf, features.dtype)))
 
   def body(state):
     b, best = state
     ids = jax.lax.dynamic_slice(centre_idx, (b * block,), (block,))
-    rows = _gather_rows(features, ids, offset)
+    rows = sharding.owner_rows(features, ids)
     return b + 1, _merge_nearest_two(features, sq_norms, rows, ids, best)
 
   num_blocks = (num_centres + block - 1) // block
@@ -96,24 +83,17 @@ def _initial_min_distances(features, all_centres, offset, block):
 def _local_greedy(features, is_centre, first_pick, num_nodes, *, budget, block):
   """Per-device body: features [n_local, d], is_centre [n_local]; returns [budget] picks."""
   n_local = features.shape[0]
-  offset = jax.lax.axis_index(DATA_AXIS) * n_local
-  global_idx = offset + jnp.arange(n_local, dtype=jnp.int32)
+  global_idx = sharding.row_offset(n_local) + jnp.arange(n_local, dtype=jnp.int32)
   all_centres = jax.lax.all_gather(is_centre, DATA_AXIS, tiled=True, to="invarying")
   has_centres = jnp.any(all_centres)
-  min_dist = _initial_min_distances(features, all_centres, offset, block)
+  min_dist = _initial_min_distances(features, all_centres, block)
   min_dist = jnp.where(is_centre, kcenter._TAKEN, min_dist)  # pylint: disable=protected-access
   min_dist = jnp.where(global_idx < num_nodes, min_dist, _PAD)
-  no_index = jnp.iinfo(jnp.int32).max
 
   def body(t, state):
-    local_arg = jnp.argmax(state.min_dist)
-    local_max = state.min_dist[local_arg]
-    global_max = jax.lax.pmax(local_max, DATA_AXIS)
-    # Smallest global index among the shards holding the max: first index on ties.
-    pick = jax.lax.pmin(jnp.where(local_max == global_max, offset + local_arg, no_index),
-                        DATA_AXIS).astype(jnp.int32)
+    _, pick = sharding.global_argmax(state.min_dist)  # first index on ties
     pick = jnp.where((t == 0) & ~has_centres & (first_pick >= 0), first_pick, pick)
-    row = _gather_rows(features, pick, offset)
+    row = sharding.owner_rows(features, pick)
     dist = jnp.minimum(state.min_dist, kcenter.exact_distances(features, row))
     dist = jnp.where(global_idx == pick, kcenter._TAKEN, dist)  # pylint: disable=protected-access
     return kcenter.KCenterState(dist, state.picks.at[t].set(pick))

@@ -88,21 +88,12 @@ _PREPARED_SPECS = _Prepared(_ROWS, _ROWS, _ROWS, P(), P())
 _STATE_SPECS = _State(P(), _ROWS, _ROWS, _ROWS, _ROWS, _ROWS, P(), P(), P(), P(), P())
 
 
-def _varying(x):
-  """A value made identically on every device, as a per-device loop carry."""
-  return jax.lax.pcast(x, DATA_AXIS, to="varying")
-
-
-def _offset(num_local):
-  return (jax.lax.axis_index(DATA_AXIS) * num_local).astype(jnp.int32)
-
-
 def _distance_rows(features, sq_norms, ids):
   """[len(ids), n_local] distances from the global nodes `ids` to this shard's nodes, exactly 0
   to themselves (`kmedoids._distance_rows` on a shard): the rows and their squared norms are
   broadcast by one `psum` of the owners' rows (the other shards add zeros: exact)."""
   n_local = features.shape[0]
-  offset = _offset(n_local)
+  offset = sharding.row_offset(n_local)
   local = ids - offset
   owned = (local >= 0) & (local < n_local)
   local = jnp.clip(local, 0, n_local - 1)
@@ -119,7 +110,7 @@ def _draw(weight, open_, target_fraction):
   """The inverse-CDF pick of `kmedoids._seed` over the split weights (open candidates' only;
   all open ones alike when no weight is left): a global int32 index, the same on every shard."""
   n_local = weight.shape[0]
-  offset = _offset(n_local)
+  offset = sharding.row_offset(n_local)
   shard = jax.lax.axis_index(DATA_AXIS)
   cumulative = jnp.stack([jnp.cumsum(weight), jnp.cumsum(open_.astype(weight.dtype))])
   totals = jax.lax.all_gather(cumulative[:, -1], DATA_AXIS, to="invarying")  # [P, 2]
@@ -152,13 +143,13 @@ def _seed(draws, features, sq_norms, candidate, k):
     weight = jnp.where(jnp.isinf(min_dist), 1.0, jnp.square(min_dist))
     pick = _draw(jnp.where(open_, weight, 0.0), open_, draws[t])
     row = _distance_rows(features, sq_norms, pick[None])[0]
-    mine = _offset(n_local) + jnp.arange(n_local) == pick
+    mine = sharding.row_offset(n_local) + jnp.arange(n_local) == pick
     return (medoids.at[t].set(pick), dist.at[:, t].set(row), jnp.minimum(min_dist, row),
             is_medoid | mine)
 
-  state = (jnp.zeros((k,), jnp.int32), _varying(jnp.zeros((n_local, k), features.dtype)),
-           _varying(jnp.full((n_local,), jnp.inf, features.dtype)),
-           _varying(jnp.zeros((n_local,), bool)))
+  state = (jnp.zeros((k,), jnp.int32), sharding.varying(jnp.zeros((n_local, k), features.dtype)),
+           sharding.varying(jnp.full((n_local,), jnp.inf, features.dtype)),
+           sharding.varying(jnp.zeros((n_local,), bool)))
   medoids, dist, _, _ = jax.lax.fori_loop(0, k, body, state)
   return medoids, dist
 

@@ -100,6 +100,23 @@ def row_offset(num_local: int) -> jax.Array:
   return (jax.lax.axis_index(DATA_AXIS) * num_local).astype(jnp.int32)
 
 
+def varying(x):
+  """Inside `shard_map` over 'data': a value created identically on every shard, marked as
+  per-shard (the initial value of a loop carry that becomes so)."""
+  return jax.lax.pcast(x, DATA_AXIS, to="varying")
+
+
+def owner_rows(values: jax.Array, ids) -> jax.Array:
+  """Inside `shard_map` over 'data': rows `ids` (global indices, a scalar or an array) of the
+  row-split `values` [n_local, ...], on every shard: a `psum` of the owners' rows, to which the
+  other shards add zeros (exact)."""
+  local = ids - row_offset(values.shape[0])
+  owned = (local >= 0) & (local < values.shape[0])
+  rows = values[jnp.clip(local, 0, values.shape[0] - 1)]
+  owned = jnp.reshape(owned, owned.shape + (1,) * (rows.ndim - owned.ndim))
+  return jax.lax.psum(jnp.where(owned, rows, jnp.zeros_like(rows)), DATA_AXIS)
+
+
 def global_argmax(values: jax.Array) -> Tuple[jax.Array, jax.Array]:
   """Inside `shard_map` over 'data': the largest of the row-split `values` and its global index.
 
